@@ -1,0 +1,74 @@
+"""Request and response models: the public wire contract of /v1/jobs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from postroom.domain import Label
+from postroom.submit import JobOptions
+
+
+class JobCreate(JobOptions):
+    """`POST /v1/jobs`: options plus inline documents (`{id, text, metadata?}` objects)."""
+
+    documents: list[Any] | None = Field(
+        default=None, description="inline documents; for large sets use POST /v1/jobs/upload"
+    )
+    input_uri: str | None = Field(default=None, description="s3://bucket/key.jsonl (coming later)")
+
+
+class JobCounts(BaseModel):
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+    spilled: int
+    cancelled: int
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    status: str
+    mode: str
+    model: str
+    revision: str
+    decoding: str
+    labels: list[Label]
+    spill: str
+    deadline: datetime | None
+    metadata: dict[str, Any] | None
+    counts: JobCounts
+    shards: int
+    warnings: list[str]
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    rate_docs_per_second: float | None
+    eta_seconds: float | None
+    results_url: str
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,36 @@
+"""Alembic environment: URL from Postroom's settings, metadata from postroom.db.models."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from postroom.db.models import Base
+from postroom.settings import get_settings
+
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    configured = context.config.attributes.get("database_url")
+    return str(configured) if configured else get_settings().database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(_url(), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=target_metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

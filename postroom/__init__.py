@@ -1,0 +1,1 @@
+"""Postroom: classify documents in bulk on vLLM, with a managed API as overflow."""

@@ -1,0 +1,90 @@
+"""Pure types shared by API and workers: statuses, job options, documents, result lines."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(enum.StrEnum):
+    validating = "validating"
+    queued = "queued"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+JOB_ACTIVE = (JobStatus.validating, JobStatus.queued, JobStatus.running)
+
+
+class ShardState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    expired = "expired"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+SHARD_CLAIMABLE = (ShardState.queued, ShardState.expired)
+SHARD_FINISHED = (ShardState.done, ShardState.failed, ShardState.cancelled)
+
+Mode = Literal["generative", "embedding"]
+Decoding = Literal["score", "choice"]
+SpillPolicy = Literal["auto", "never", "always"]
+Route = Literal["gpu", "spill"]
+OnInvalid = Literal["reject", "skip"]
+
+
+class Label(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str | None = None
+
+
+class JobSpec(BaseModel):
+    """Everything a worker needs to classify a job's documents (stored as `jobs.spec`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    labels: list[Label]
+    instructions: str
+    mode: Mode
+    model: str
+    revision: str
+    decoding: Decoding = "score"
+
+
+class Document(BaseModel):
+    """One input document as stored in an input shard line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    text: str
+    metadata: dict[str, Any] | None = None
+    line: int = Field(description="1-based line (or list index + 1) in what the user sent")
+
+
+class DocResult(BaseModel):
+    """One document's outcome, as the classifier produces it (before storage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    label: str | None = None
+    confidence: float | None = None
+    distribution: dict[str, float] | None = None
+    error: str | None = None
+    truncated: bool = False
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+DEFAULT_INSTRUCTIONS = (
+    "Classify the document into exactly one of the labels below. Answer with the label only."
+)

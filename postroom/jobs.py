@@ -1,0 +1,438 @@
+"""Jobs and shards: label checks, model choice, creation, claims, leases, finish and cancel.
+
+Every state change is a compare-and-set UPDATE. Functions take the session and never commit: the
+caller (a route or a task body) owns the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from postroom.db.models import Job, Result, Shard, Worker
+from postroom.domain import (
+    JOB_ACTIVE,
+    SHARD_CLAIMABLE,
+    SHARD_FINISHED,
+    JobSpec,
+    JobStatus,
+    Label,
+    Mode,
+    ShardState,
+)
+from postroom.errors import InvalidLabels, NotFound, UnknownModel
+from postroom.intake import Rejected
+from postroom.queue import publish_shard
+from postroom.settings import ModelSpec, Settings
+
+logger = logging.getLogger(__name__)
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalise_label(name: str) -> str:
+    """The form two label names are compared in: case- and whitespace-insensitive."""
+    return _SPACES.sub(" ", name).strip().casefold()
+
+
+def validate_labels(raw: Sequence[str | Label], *, settings: Settings) -> list[Label]:
+    """Check a label set; raise InvalidLabels naming every problem."""
+    labels = [Label(name=item) if isinstance(item, str) else item for item in raw]
+    problems: list[dict[str, Any]] = []
+    if len(labels) < settings.min_labels:
+        problems.append(
+            {
+                "field": "labels",
+                "reason": f"{len(labels)} label(s) given; a job needs at least "
+                f"{settings.min_labels} (POSTROOM_MIN_LABELS)",
+            }
+        )
+    if len(labels) > settings.max_labels:
+        problems.append(
+            {
+                "field": "labels",
+                "reason": f"{len(labels)} labels given; at most {settings.max_labels} are allowed "
+                "(POSTROOM_MAX_LABELS)",
+            }
+        )
+    seen: dict[str, int] = {}
+    for index, label in enumerate(labels):
+        where = f"labels[{index}]"
+        name = label.name.strip()
+        if not name:
+            problems.append({"field": f"{where}.name", "reason": "empty label name"})
+            continue
+        if len(name) > settings.max_label_length:
+            problems.append(
+                {
+                    "field": f"{where}.name",
+                    "reason": f"label name is {len(name)} characters; the limit is "
+                    f"{settings.max_label_length} (POSTROOM_MAX_LABEL_LENGTH)",
+                }
+            )
+        if label.description and len(label.description) > settings.max_description_length:
+            problems.append(
+                {
+                    "field": f"{where}.description",
+                    "reason": f"description is over {settings.max_description_length} characters "
+                    "(POSTROOM_MAX_DESCRIPTION_LENGTH)",
+                }
+            )
+        key = normalise_label(name)
+        if key in seen:
+            problems.append(
+                {
+                    "field": f"{where}.name",
+                    "reason": f"duplicate of labels[{seen[key]}] ({labels[seen[key]].name!r}); "
+                    "names must differ ignoring case and spaces",
+                }
+            )
+        else:
+            seen[key] = index
+    if problems:
+        raise InvalidLabels(
+            f"the label set is invalid: {problems[0]['reason']}",
+            details=problems[: settings.max_error_details],
+        )
+    return [Label(name=label.name.strip(), description=label.description) for label in labels]
+
+
+def served_models(*, session: Session, settings: Settings) -> list[str]:
+    """Registry aliases that some worker registered within `worker_registration_ttl` seconds."""
+    since = datetime.now(UTC) - timedelta(seconds=settings.worker_registration_ttl)
+    rows = session.scalars(select(Worker.models).where(Worker.heartbeat_at >= since)).all()
+    served = {alias for models in rows for alias in models}
+    return sorted(alias for alias in served if alias in settings.models)
+
+
+def choose_model(
+    *, session: Session, settings: Settings, alias: str | None, mode: Mode | None
+) -> tuple[str, ModelSpec]:
+    """Resolve the job's model alias; refuse unknown or unserved aliases and mode mismatches."""
+    served = served_models(session=session, settings=settings)
+    if alias is None:
+        candidates = [settings.model] if mode is None else []
+        if mode is not None:
+            ordered = [settings.model, *served]
+            candidates = [a for a in ordered if settings.models[a].mode == mode][:1]
+        alias = candidates[0] if candidates else None
+        if alias is None:
+            raise UnknownModel(
+                f"no served model does mode {mode!r}; served: {', '.join(served) or 'none'}",
+                details=[{"field": "mode", "served": served}],
+            )
+    if alias not in settings.models or alias not in served:
+        raise UnknownModel(
+            f"model {alias!r} is not served by any worker; use one of: "
+            f"{', '.join(served) or 'none (start a worker: postroom worker --models ALIAS)'}",
+            details=[{"field": "model", "served": served}],
+        )
+    spec = settings.models[alias]
+    if mode is not None and spec.mode != mode:
+        raise UnknownModel(
+            f"model {alias!r} is a {spec.mode} model but the job asks for mode {mode!r}",
+            details=[{"field": "mode", "served": served}],
+        )
+    return alias, spec
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a route has validated and written to S3, ready to become rows."""
+
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    spec: JobSpec
+    spill: str
+    deadline: datetime | None
+    metadata: dict[str, Any] | None
+    idempotency_key: str | None
+    body_hash: str | None
+    shard_sizes: Sequence[int]
+    rejected: Sequence[Rejected]
+    queue: str
+    warnings: Sequence[str] = ()
+
+
+def create_job(*, session: Session, new: NewJob) -> Job:
+    """Insert the job, its shards and the failed results of skipped lines (status `queued`)."""
+    total = sum(new.shard_sizes) + len(new.rejected)
+    job = Job(
+        id=new.job_id,
+        tenant_id=new.tenant_id,
+        status=JobStatus.queued if new.shard_sizes else JobStatus.completed,
+        spec=new.spec.model_dump(mode="json"),
+        model=new.spec.model,
+        spill=new.spill,
+        deadline=new.deadline,
+        job_metadata=new.metadata,
+        warnings=list(new.warnings),
+        idempotency_key=new.idempotency_key,
+        body_hash=new.body_hash,
+        total_docs=total,
+        rejected_docs=len(new.rejected),
+        shard_count=len(new.shard_sizes),
+        finished_at=None if new.shard_sizes else func.now(),
+    )
+    session.add(job)
+    session.flush()
+    if new.shard_sizes:
+        session.execute(
+            insert(Shard),
+            [
+                {
+                    "job_id": new.job_id,
+                    "shard_no": no,
+                    "state": ShardState.queued,
+                    "queue": new.queue,
+                    "doc_count": size,
+                    "attempt": 0,
+                }
+                for no, size in enumerate(new.shard_sizes)
+            ],
+        )
+    if new.rejected:
+        rows = [
+            {
+                "job_id": new.job_id,
+                "doc_id": r.result_id,
+                "shard_no": -1,
+                "line": r.line,
+                "error": f"invalid_document: line {r.line}"
+                + (f", field {r.field}" if r.field else "")
+                + f": {r.reason}",
+                "model": new.spec.model,
+                "revision": new.spec.revision,
+            }
+            for r in new.rejected
+        ]
+        for start in range(0, len(rows), 1000):
+            session.execute(insert(Result), rows[start : start + 1000])
+    return job
+
+
+def find_job(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> Job:
+    """The job, if it exists and belongs to the tenant (None = any tenant: workers, admins)."""
+    job = session.get(Job, job_id)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        raise NotFound(f"no job {job_id}; check the id (jobs of other tenants are not visible)")
+    return job
+
+
+def publish_job(*, session: Session, celery: Celery, job_id: uuid.UUID) -> int:
+    """Publish every queued, never-published shard of a job. Call after the job is committed.
+
+    Postgres is the record: if the broker is down the shards stay queued with no `enqueued_at`, and
+    are published again later, so a broker outage delays a job and never loses it.
+    """
+    shards = session.execute(
+        select(Shard.shard_no, Shard.queue).where(
+            Shard.job_id == job_id, Shard.state == ShardState.queued, Shard.enqueued_at.is_(None)
+        )
+    ).all()
+    published: list[int] = []
+    try:
+        for shard_no, queue in shards:
+            publish_shard(celery, job_id=str(job_id), shard_no=shard_no, queue=queue)
+            published.append(shard_no)
+    except Exception as e:  # kombu raises many types here; the shard stays queued in Postgres
+        logger.warning("publishing job %s stopped after %d shards: %s", job_id, len(published), e)
+    if published:
+        session.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.shard_no.in_(published))
+            .values(enqueued_at=func.now())
+        )
+    return len(published)
+
+
+def claim_shard(
+    *, session: Session, job_id: uuid.UUID, shard_no: int, worker: str, lease_seconds: int
+) -> int | None:
+    """Take a shard for work; returns the attempt number (the fencing token) or None.
+
+    A shard can be claimed when it is queued, expired, or running with a lease that ran out (its
+    worker died). A duplicate delivery finds it running or done and gets None: a no-op.
+    """
+    attempt = session.execute(
+        update(Shard)
+        .where(
+            Shard.job_id == job_id,
+            Shard.shard_no == shard_no,
+            or_(
+                Shard.state.in_(SHARD_CLAIMABLE),
+                and_(Shard.state == ShardState.running, Shard.lease_until < func.now()),
+            ),
+        )
+        .values(
+            state=ShardState.running,
+            attempt=Shard.attempt + 1,
+            lease_until=func.now() + timedelta(seconds=lease_seconds),
+            worker=worker,
+            started_at=func.now(),
+        )
+        .returning(Shard.attempt)
+    ).scalar_one_or_none()
+    if attempt is not None:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(status=JobStatus.running, started_at=func.now())
+        )
+    return attempt
+
+
+def extend_leases(
+    *, session: Session, leases: Sequence[tuple[uuid.UUID, int, int]], lease_seconds: int
+) -> int:
+    """Push out the leases of shards still being worked (job_id, shard_no, attempt)."""
+    extended = 0
+    for job_id, shard_no, attempt in leases:
+        result = session.execute(
+            update(Shard)
+            .where(
+                Shard.job_id == job_id,
+                Shard.shard_no == shard_no,
+                Shard.attempt == attempt,
+                Shard.state == ShardState.running,
+            )
+            .values(lease_until=func.now() + timedelta(seconds=lease_seconds))
+        )
+        extended += result.rowcount  # type: ignore[attr-defined]
+    return extended
+
+
+def release_shard(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt: int) -> bool:
+    """Give a shard back after a transient failure so another delivery can claim it."""
+    result = session.execute(
+        update(Shard)
+        .where(
+            Shard.job_id == job_id,
+            Shard.shard_no == shard_no,
+            Shard.attempt == attempt,
+            Shard.state == ShardState.running,
+        )
+        .values(state=ShardState.queued, lease_until=None, worker=None)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_shard(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    shard_no: int,
+    attempt: int,
+    succeeded: int,
+    failed: int,
+    route: str,
+) -> bool:
+    """Mark a shard done if this attempt still holds it (fencing); complete the job when last.
+
+    Returns False when the lease was lost: the caller must roll back, so a late writer never
+    overwrites a newer attempt's results.
+    """
+    won = session.execute(
+        update(Shard)
+        .where(
+            Shard.job_id == job_id,
+            Shard.shard_no == shard_no,
+            Shard.attempt == attempt,
+            Shard.state == ShardState.running,
+        )
+        .values(
+            state=ShardState.done,
+            succeeded=succeeded,
+            failed=failed,
+            route=route,
+            lease_until=None,
+            finished_at=func.now(),
+        )
+        .returning(Shard.shard_no)
+    ).scalar_one_or_none()
+    if won is None:
+        return False
+    complete_job_if_done(session=session, job_id=job_id)
+    return True
+
+
+def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
+    """Set the job `completed` when no shard is left unfinished.
+
+    The job row is locked first so two workers finishing the last two shards at once cannot both
+    miss each other's commit.
+    """
+    status = session.execute(
+        select(Job.status).where(Job.id == job_id).with_for_update()
+    ).scalar_one()
+    if status not in JOB_ACTIVE:
+        return False
+    unfinished = session.execute(
+        select(func.count())
+        .select_from(Shard)
+        .where(Shard.job_id == job_id, Shard.state.not_in(SHARD_FINISHED))
+    ).scalar_one()
+    if unfinished:
+        return False
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(status=JobStatus.completed, finished_at=func.now())
+    )
+    logger.info("job %s completed", job_id)
+    return True
+
+
+def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """Stop what has not started. Running shards finish; finished results stay."""
+    job = find_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(JOB_ACTIVE))
+        .values(status=JobStatus.cancelled, finished_at=func.now())
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if changed is not None:
+        session.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.state.in_(SHARD_CLAIMABLE))
+            .values(state=ShardState.cancelled, finished_at=func.now())
+        )
+    session.refresh(job)
+    return job
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+    spilled: int
+    cancelled: int
+
+
+def job_counts(*, session: Session, job: Job) -> JobCounts:
+    """Counts from the shard rows (a few thousand rows for a million documents), not results."""
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(Shard.succeeded), 0),
+            func.coalesce(func.sum(Shard.failed), 0),
+            func.coalesce(func.sum(Shard.doc_count).filter(Shard.route == "spill"), 0),
+            func.coalesce(func.sum(Shard.doc_count).filter(Shard.state == ShardState.cancelled), 0),
+        ).where(Shard.job_id == job.id)
+    ).one()
+    succeeded, failed, spilled, cancelled = (int(v) for v in row)
+    failed += job.rejected_docs
+    pending = max(job.total_docs - succeeded - failed - cancelled, 0)
+    return JobCounts(job.total_docs, succeeded, failed, pending, spilled, cancelled)

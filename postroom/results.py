@@ -1,0 +1,126 @@
+"""Per-document results: the public line shape, upserts keyed (job_id, doc_id), streaming reads."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from postroom.db.models import Result
+from postroom.domain import DocResult
+
+UPSERT_BATCH = 1000
+
+
+def result_line(result: DocResult, *, route: str, model: str, revision: str) -> dict[str, Any]:
+    """The line written to S3 and streamed by the API.
+
+    `{id, label, confidence, route, model, error}` plus the revision, the distribution and whether
+    the text was truncated.
+    """
+    line: dict[str, Any] = {
+        "id": result.id,
+        "label": result.label,
+        "confidence": result.confidence,
+        "route": route,
+        "model": model,
+        "revision": revision,
+        "error": result.error,
+    }
+    if result.distribution is not None:
+        line["distribution"] = result.distribution
+    if result.truncated:
+        line["truncated"] = True
+    return line
+
+
+def upsert_results(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    shard_no: int,
+    attempt: int,
+    route: str,
+    model: str,
+    revision: str,
+    results: Sequence[tuple[int, DocResult]],
+) -> None:
+    """Write (line, result) pairs; a rerun rewrites the same rows, never adds new ones."""
+    stmt = insert(Result)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Result.job_id, Result.doc_id],
+        set_={
+            col: stmt.excluded[col]
+            for col in (
+                "shard_no",
+                "line",
+                "label",
+                "confidence",
+                "distribution",
+                "route",
+                "model",
+                "revision",
+                "error",
+                "truncated",
+                "tokens_in",
+                "tokens_out",
+                "attempt",
+                "updated_at",
+            )
+        },
+    )
+    rows = [
+        {
+            "job_id": job_id,
+            "doc_id": r.id,
+            "shard_no": shard_no,
+            "line": line,
+            "label": r.label,
+            "confidence": r.confidence,
+            "distribution": r.distribution,
+            "route": route,
+            "model": model,
+            "revision": revision,
+            "error": r.error,
+            "truncated": r.truncated,
+            "tokens_in": r.tokens_in,
+            "tokens_out": r.tokens_out,
+            "attempt": attempt,
+        }
+        for line, r in results
+    ]
+    for start in range(0, len(rows), UPSERT_BATCH):
+        session.execute(stmt, rows[start : start + UPSERT_BATCH])
+
+
+def iter_result_lines(
+    *, session: Session, job_id: uuid.UUID, only_failed: bool = False, chunk: int = 2000
+) -> Iterator[dict[str, Any]]:
+    """Every result of a job in input order, read with a server-side cursor."""
+    query = (
+        select(Result)
+        .where(Result.job_id == job_id)
+        .order_by(Result.shard_no, Result.line)
+        .execution_options(yield_per=chunk)
+    )
+    if only_failed:
+        query = query.where(Result.error.is_not(None))
+    for row in session.scalars(query):
+        line: dict[str, Any] = {
+            "id": row.doc_id,
+            "label": row.label,
+            "confidence": row.confidence,
+            "route": row.route,
+            "model": row.model,
+            "revision": row.revision,
+            "error": row.error,
+        }
+        if row.distribution is not None:
+            line["distribution"] = row.distribution
+        if row.truncated:
+            line["truncated"] = True
+        yield line

@@ -1,0 +1,164 @@
+"""`postroom demo`: start what is missing, classify a demo job through the whole pipeline, report.
+
+Starts moto S3 on loopback when no S3 endpoint is configured, checks that Postgres and Redis answer
+(and says in one line how to start them when they don't), migrates, runs `postroom api` and
+`postroom worker` as child processes, submits the demo documents and prints the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import SecretStr
+from rich.console import Console
+from sqlalchemy import select
+
+from postroom.db.migrate import migrate
+from postroom.db.models import Worker
+from postroom.db.session import make_engine, make_sessionmaker
+from postroom.settings import Settings
+from postroom.tenants import create_key
+from postroom_cli.client import ApiError, Client
+from postroom_cli.local import (
+    children,
+    free_port,
+    http_ok,
+    postroom_command,
+    reachable,
+    spawn,
+    start_moto,
+    wait_until,
+)
+from postroom_cli.main import print_summary, wait_for_job
+
+console = Console(stderr=True)
+
+POSTGRES_HINT = (
+    "start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start "
+    "(or `docker compose up -d postgres`), or set POSTROOM_DATABASE_URL"
+)
+REDIS_HINT = (
+    "start it: redis-server --daemonize yes --port 6379 (or `docker compose up -d redis`), "
+    "or set POSTROOM_BROKER_URL"
+)
+DEMO_LABELS = "billing,technical,shipping"
+WORDS = {
+    "billing": "invoice charge payment card billing price plan refund",
+    "technical": "error crash bug login password server outage slow",
+    "shipping": "delivery package shipping tracking late damaged order return",
+}
+
+
+def check_services(settings: Settings) -> list[str]:
+    """One line per service that does not answer, saying how to start it."""
+    problems = []
+    db = urlparse(settings.database_url.replace("+psycopg", ""))
+    if not reachable(db.hostname or "127.0.0.1", db.port or 5432):
+        problems.append(
+            f"Postgres at {db.hostname}:{db.port or 5432} does not answer; {POSTGRES_HINT}"
+        )
+    broker = urlparse(settings.broker_url)
+    if not reachable(broker.hostname or "127.0.0.1", broker.port or 6379):
+        problems.append(
+            f"Redis at {broker.hostname}:{broker.port or 6379} does not answer; {REDIS_HINT}"
+        )
+    return problems
+
+
+def demo_documents(count: int, *, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    docs = []
+    for index in range(count):
+        label = rng.choice(sorted(WORDS))
+        words = rng.choices(WORDS[label].split(), k=rng.randint(8, 40))
+        docs.append({"id": f"doc-{index:06d}", "text": " ".join(words)})
+    return docs
+
+
+def run_demo(settings: Settings, *, docs: int, model: str | None) -> int:
+    problems = check_services(settings)
+    if problems:
+        for line in problems:
+            console.print(f"[red]✗[/] {line}")
+        return 2
+    alias = model or settings.model
+    env: dict[str, str] = {}
+    moto = None
+    if not settings.s3_endpoint_url:
+        moto, endpoint = start_moto()
+        env.update(
+            POSTROOM_S3_ENDPOINT_URL=endpoint,
+            POSTROOM_S3_ACCESS_KEY_ID="demo",
+            POSTROOM_S3_SECRET_ACCESS_KEY="demo",
+        )
+        settings = settings.model_copy(
+            update={
+                "s3_endpoint_url": endpoint,
+                "s3_access_key_id": "demo",
+                "s3_secret_access_key": SecretStr("demo"),
+            }
+        )
+        console.print(
+            f"[green]✓[/] S3: moto server on {endpoint} (no POSTROOM_S3_ENDPOINT_URL set)"
+        )
+    from postroom.storage import Storage
+
+    Storage(settings).ensure_bucket()
+    created = migrate(settings.database_url)
+    console.print(f"[green]✓[/] Postgres: database {'created, ' if created else ''}migrated")
+    port = settings.api_port if not reachable("127.0.0.1", settings.api_port, 0.5) else free_port()
+    api_url = f"http://127.0.0.1:{port}"
+    logs = Path(tempfile.mkdtemp(prefix="postroom-demo-"))
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    try:
+        with children() as procs:
+            api = spawn(postroom_command("api", "--port", str(port)), env=env, log=logs / "api.log")
+            procs.append(api)
+            worker = spawn(
+                postroom_command("worker", "--models", alias), env=env, log=logs / "worker.log"
+            )
+            procs.append(worker)
+            console.print(f"… starting API on {api_url} and a worker for {alias!r} (logs: {logs})")
+            wait_until(
+                lambda: http_ok(f"{api_url}/readyz"), timeout=60, what="API ready", alive=api
+            )
+
+            def worker_ready() -> bool:
+                with sessions() as session:
+                    rows = session.scalars(select(Worker.stats)).all()
+                return any(alias in (row.get("engines") or {}) for row in rows)
+
+            wait_until(worker_ready, timeout=600, what="worker engine started", alive=worker)
+            console.print("[green]✓[/] API and worker are up")
+            with sessions.begin() as session:
+                key = create_key(session=session, tenant="demo")
+            client = Client(api_url, key)
+            path = logs / "demo.jsonl"
+            path.write_text(
+                "".join(json.dumps(d) + "\n" for d in demo_documents(docs)), encoding="utf-8"
+            )
+            started = time.monotonic()
+            job = client.upload(path, {"labels": DEMO_LABELS, "model": alias})
+            console.print(f"submitted job {job['id']} with {docs:,} documents")
+            job = wait_for_job(client, job["id"], timeout=1800)
+            elapsed = time.monotonic() - started
+            print_summary(client, job)
+            console.print(
+                f"{docs:,} documents in {elapsed:.1f}s = {docs / elapsed:,.0f} docs/s end to end\n"
+                f"results: s3://{settings.s3_bucket}/results/{job['id']}/ · "
+                f"{api_url}/v1/jobs/{job['id']}/results"
+            )
+    except (ApiError, TimeoutError, RuntimeError) as e:
+        console.print(f"[red]demo failed:[/] {e} (logs in {logs})")
+        return 1
+    finally:
+        engine.dispose()
+        if moto is not None:
+            moto.stop()
+    return 0

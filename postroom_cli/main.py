@@ -1,0 +1,309 @@
+"""`postroom`: the one command that starts every process and talks to the API."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from postroom.settings import DEFAULT_TINY_MODEL_DIR, get_settings
+from postroom_cli.client import ApiError, Client
+
+app = typer.Typer(help="Postroom: classify documents in bulk.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+model_app = typer.Typer(help="Models that need no download.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(model_app, name="model")
+console = Console()
+err = Console(stderr=True)
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def _client(api_url: str | None, key: str | None) -> Client:
+    settings = get_settings()
+    return Client(api_url or settings.api_url, key or settings.api_key.get_secret_value())
+
+
+ApiUrl = Annotated[str | None, typer.Option(help="API base URL [POSTROOM_API_URL]")]
+ApiKey = Annotated[str | None, typer.Option("--key", help="API key [POSTROOM_API_KEY]")]
+
+
+@app.command()
+def migrate() -> None:
+    """Create the database if missing and run `alembic upgrade head`."""
+    from postroom.db.migrate import migrate as run_migrations
+
+    created = run_migrations(get_settings().database_url)
+    console.print(f"database {'created and ' if created else ''}migrated to head")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+) -> None:
+    """Run the HTTP API."""
+    from api.main import run_api
+
+    settings = get_settings()
+    run_api(settings, host=host or settings.api_host, port=port or settings.api_port)
+
+
+@app.command()
+def worker(
+    models: Annotated[
+        str | None,
+        typer.Option(help="model aliases to serve, comma-separated [POSTROOM_WORKER_MODELS]"),
+    ] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="queues (default: one per served alias)")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="shards in flight [POSTROOM_WORKER_CONCURRENCY]")
+    ] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a GPU worker: one long-lived vLLM engine per served model, many shards in flight."""
+    from worker.main import run_worker
+
+    settings = get_settings()
+    served = (
+        [m.strip() for m in models.split(",") if m.strip()] if models else settings.served_models()
+    )
+    unknown = [m for m in served if m not in settings.models]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown model aliases {unknown}; known: {sorted(settings.models)}"
+        )
+    run_worker(
+        settings,
+        models=served,
+        queues=[q.strip() for q in queues.split(",")] if queues else None,
+        concurrency=concurrency or settings.worker_concurrency,
+        loglevel=loglevel,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str, admin: Annotated[bool, typer.Option(help="operator key")] = False
+) -> None:
+    """Create an API key for TENANT (created if new). The key is the last line of output."""
+    from postroom.db.session import make_engine, make_sessionmaker
+    from postroom.tenants import create_key
+
+    settings = get_settings()
+    engine = make_engine(settings)
+    with make_sessionmaker(engine).begin() as session:
+        key = create_key(session=session, tenant=tenant, admin=admin)
+    engine.dispose()
+    err.print(f"API key for tenant {tenant!r} (shown once; store it safely):")
+    print(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: str) -> None:
+    """Revoke every key with this prefix (the 8 hex characters after `pr_`)."""
+    from postroom.db.session import make_engine, make_sessionmaker
+    from postroom.tenants import revoke_key
+
+    engine = make_engine(get_settings())
+    with make_sessionmaker(engine).begin() as session:
+        count = revoke_key(session=session, prefix=prefix)
+    engine.dispose()
+    console.print(f"revoked {count} key(s)")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    directory: Annotated[Path, typer.Argument()] = Path(DEFAULT_TINY_MODEL_DIR),
+    seed: int = 0,
+) -> None:
+    """Generate the tiny random-weight decoder and its tokenizer (no download)."""
+    from worker.models import build_model
+
+    build_model(directory, seed=seed)
+    console.print(f"tiny model written to {directory}")
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL documents")],
+    labels: Annotated[str, typer.Option(help="a,b,c or a JSON list of {name, description}")],
+    mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    model: Annotated[str | None, typer.Option(help="model alias")] = None,
+    decoding: Annotated[str, typer.Option(help="score | choice")] = "score",
+    instructions: str | None = None,
+    on_invalid: Annotated[str, typer.Option(help="reject | skip")] = "reject",
+    spill: str = "auto",
+    deadline: Annotated[str | None, typer.Option(help="ISO 8601 or seconds")] = None,
+    wait: Annotated[bool, typer.Option(help="wait with a progress bar, then print labels")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 3600.0,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Upload a JSONL file as a job. The job id is the last line of output."""
+    client = _client(api_url, key)
+    params = {
+        "labels": labels,
+        "mode": mode,
+        "model": model,
+        "decoding": decoding,
+        "instructions": instructions,
+        "on_invalid": on_invalid,
+        "spill": spill,
+        "deadline": deadline,
+    }
+    try:
+        job = client.upload(file, params)
+        for warning in job.get("warnings", []):
+            err.print(f"[yellow]warning:[/] {warning}")
+        if wait:
+            job = wait_for_job(client, job["id"], timeout=timeout)
+            print_summary(client, job)
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    print(job["id"])
+
+
+def wait_for_job(client: Client, job_id: str, *, timeout: float) -> dict[str, Any]:
+    """Poll the job with a progress bar until it finishes or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    job = client.job(job_id)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(job["status"], total=job["counts"]["total"], rate="")
+        while True:
+            counts = job["counts"]
+            rate = job.get("rate_docs_per_second")
+            progress.update(
+                task,
+                completed=counts["succeeded"] + counts["failed"] + counts["cancelled"],
+                description=job["status"],
+                rate=f"{rate:,.0f} docs/s" if rate else "",
+            )
+            if job["status"] in FINISHED:
+                return job
+            if time.monotonic() > deadline:
+                err.print(f"[red]job {job_id} did not finish within {timeout:.0f}s[/]")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+            job = client.job(job_id)
+
+
+def print_summary(client: Client, job: dict[str, Any]) -> collections.Counter[str]:
+    """A table of label counts (and failures by reason) for a finished job."""
+    labels: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    for line in client.results(job["id"]):
+        if line["error"]:
+            errors[line["error"].split(":")[0]] += 1
+        else:
+            labels[line["label"]] += 1
+    table = Table(title=f"job {job['id']}: {job['status']}")
+    table.add_column("label")
+    table.add_column("documents", justify="right")
+    table.add_column("share", justify="right")
+    total = sum(labels.values()) or 1
+    for name, count in labels.most_common():
+        table.add_row(name, f"{count:,}", f"{count / total:.1%}")
+    for reason, count in errors.most_common():
+        table.add_row(f"[red]failed: {reason}[/]", f"{count:,}", "")
+    console.print(table)
+    counts = job["counts"]
+    console.print(
+        f"total {counts['total']:,} · succeeded {counts['succeeded']:,} · "
+        f"failed {counts['failed']:,} · rate {job.get('rate_docs_per_second') or 0:,.1f} docs/s"
+    )
+    return labels
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Show one job, or the latest jobs."""
+    client = _client(api_url, key)
+    try:
+        data = client.job(job_id) if job_id else client.jobs()
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    jobs = [data] if job_id else data["data"]
+    table = Table()
+    for column in ("id", "status", "model", "total", "succeeded", "failed", "docs/s", "created"):
+        table.add_column(column)
+    for job in jobs:
+        c = job["counts"]
+        table.add_row(
+            job["id"],
+            job["status"],
+            job["model"],
+            str(c["total"]),
+            str(c["succeeded"]),
+            str(c["failed"]),
+            str(job.get("rate_docs_per_second") or ""),
+            job["created_at"][:19],
+        )
+    console.print(table)
+
+
+@app.command()
+def results(
+    job_id: str,
+    only_failed: Annotated[bool, typer.Option("--failed", help="only failed documents")] = False,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Print a job's results as JSONL."""
+    client = _client(api_url, key)
+    try:
+        for line in client.results(job_id, only_failed=only_failed):
+            print(json.dumps(line, ensure_ascii=False))
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+
+
+@app.command()
+def cancel(job_id: str, api_url: ApiUrl = None, key: ApiKey = None) -> None:
+    """Cancel a job: what has not started stops; finished results stay."""
+    client = _client(api_url, key)
+    try:
+        job = client.cancel(job_id)
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    console.print(f"job {job['id']}: {job['status']}")
+
+
+@app.command()
+def demo(
+    docs: Annotated[int, typer.Option(help="documents to classify")] = 1000,
+    model: Annotated[str | None, typer.Option(help="model alias")] = None,
+) -> None:
+    """Start what is missing (S3, API, worker), classify a demo job, print its labels."""
+    from postroom_cli.demo import run_demo
+
+    raise typer.Exit(run_demo(get_settings(), docs=docs, model=model))

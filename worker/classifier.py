@@ -1,0 +1,223 @@
+"""The Classifier Protocol and the engine-backed classifier of the GPU route.
+
+A classifier turns one shard's documents into one DocResult each, in input order. Per-document
+problems are results with an `error`; a dead engine is raised (fatal), never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from postroom.domain import DocResult, JobSpec
+from postroom.errors import EngineDeadError
+from postroom.prompts import (
+    Layout,
+    LayoutError,
+    build_layout,
+    label_texts,
+    nearest_label,
+    parse_choice,
+    parse_scores,
+)
+from worker.engine import EngineAdapter
+from worker.loop import LoopThread
+
+
+class Classifier(Protocol):
+    route: str
+
+    def classify(
+        self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]
+    ) -> list[DocResult]: ...
+
+
+class ModelNotHosted(Exception):
+    """A shard reached a worker that does not host its model (transient: it goes back)."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    layout: Layout | None = None
+    layout_error: str | None = None
+    label_vectors: tuple[tuple[float, ...], ...] = ()
+
+
+class EngineClassifier:
+    """Classifies on the worker's own vLLM engines (one per served alias)."""
+
+    route = "gpu"
+
+    def __init__(
+        self,
+        *,
+        loop: LoopThread,
+        engines: dict[str, EngineAdapter],
+        doc_max_tokens: int,
+        choice_max_tokens: int,
+        embedding_temperature: float,
+        timeout: float,
+        cache_size: int = 256,
+    ) -> None:
+        self.loop = loop
+        self.engines = engines
+        self.doc_max_tokens = doc_max_tokens
+        self.choice_max_tokens = choice_max_tokens
+        self.embedding_temperature = embedding_temperature
+        self.timeout = timeout
+        self._cache: OrderedDict[uuid.UUID, _Prepared] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def classify(
+        self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]
+    ) -> list[DocResult]:
+        engine = self.engines.get(spec.model)
+        if engine is None:
+            raise ModelNotHosted(f"this worker does not host model {spec.model!r}")
+        prepared = self._prepare(job_id, spec, engine)
+        ids = [str(doc["id"]) for doc in docs]
+        tokens = engine.encode_batch([str(doc["text"]) for doc in docs])
+        if spec.mode == "embedding":
+            coro = self._embed_all(engine, prepared, spec, shard, ids, tokens)
+        elif prepared.layout is None:
+            reason = f"prompt_layout: {prepared.layout_error}"
+            return [DocResult(id=doc_id, error=reason) for doc_id in ids]
+        elif spec.decoding == "choice":
+            coro = self._choose_all(engine, prepared.layout, shard, ids, tokens)
+        else:
+            coro = self._score_all(engine, prepared.layout, shard, ids, tokens)
+        return self.loop.run(coro, timeout=self.timeout)
+
+    # -- per job, once
+    def _prepare(self, job_id: uuid.UUID, spec: JobSpec, engine: EngineAdapter) -> _Prepared:
+        with self._lock:
+            if job_id in self._cache:
+                self._cache.move_to_end(job_id)
+                return self._cache[job_id]
+        prepared = self._build(spec, engine, job_id)
+        with self._lock:
+            self._cache[job_id] = prepared
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return prepared
+
+    def _build(self, spec: JobSpec, engine: EngineAdapter, job_id: uuid.UUID) -> _Prepared:
+        if spec.mode == "embedding":
+            texts = label_texts(spec.labels)
+            tokens = [self._embedding_input(engine, t)[0] for t in engine.encode_batch(texts)]
+            shard = f"{job_id}/labels"
+
+            async def embed_labels() -> list[list[float]]:
+                return list(await asyncio.gather(*(engine.embed(t, shard=shard) for t in tokens)))
+
+            vectors = self.loop.run(embed_labels(), timeout=self.timeout)
+            return _Prepared(label_vectors=tuple(tuple(v) for v in vectors))
+        try:
+            layout = build_layout(
+                engine.tokenizer(),
+                labels=spec.labels,
+                instructions=spec.instructions,
+                doc_max_tokens=self.doc_max_tokens,
+                max_model_len=engine.max_model_len,
+            )
+        except LayoutError as e:
+            return _Prepared(layout_error=str(e))
+        return _Prepared(layout=layout)
+
+    # -- on the loop
+    async def _score_all(
+        self,
+        engine: EngineAdapter,
+        layout: Layout,
+        shard: str,
+        ids: list[str],
+        tokens: list[list[int]],
+    ) -> list[DocResult]:
+        async def one(doc_id: str, doc_ids: list[int]) -> DocResult:
+            prompt, truncated = layout.prompt(doc_ids)
+            out = await engine.score(prompt, layout.answer_ids, shard=shard)
+            return parse_scores(
+                layout, out.logprobs, doc_id=doc_id, tokens_in=len(prompt), truncated=truncated
+            )
+
+        return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
+
+    async def _choose_all(
+        self,
+        engine: EngineAdapter,
+        layout: Layout,
+        shard: str,
+        ids: list[str],
+        tokens: list[list[int]],
+    ) -> list[DocResult]:
+        async def one(doc_id: str, doc_ids: list[int]) -> DocResult:
+            prompt, truncated = layout.prompt(doc_ids)
+            out = await engine.choose(
+                prompt, layout.labels, shard=shard, max_tokens=self.choice_max_tokens
+            )
+            return parse_choice(
+                layout.labels,
+                doc_id=doc_id,
+                text=out.text,
+                finish_reason=out.finish_reason,
+                logprob_sum=out.logprob_sum,
+                tokens_in=len(prompt),
+                tokens_out=out.tokens_out,
+                truncated=truncated,
+            )
+
+        return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
+
+    async def _embed_all(
+        self,
+        engine: EngineAdapter,
+        prepared: _Prepared,
+        spec: JobSpec,
+        shard: str,
+        ids: list[str],
+        tokens: list[list[int]],
+    ) -> list[DocResult]:
+        names = [label.name for label in spec.labels]
+
+        async def one(doc_id: str, doc_ids: list[int]) -> DocResult:
+            prompt, truncated = self._embedding_input(engine, doc_ids)
+            vector = await engine.embed(prompt, shard=shard)
+            return nearest_label(
+                names,
+                prepared.label_vectors,
+                vector,
+                temperature=self.embedding_temperature,
+                doc_id=doc_id,
+                tokens_in=len(prompt),
+                truncated=truncated,
+            )
+
+        return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
+
+    def _embedding_input(self, engine: EngineAdapter, doc_ids: list[int]) -> tuple[list[int], bool]:
+        before, after = engine.special_tokens()
+        budget = min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
+        truncated = len(doc_ids) > budget
+        return [*before, *doc_ids[:budget], *after], truncated
+
+
+async def _gather_per_doc(ids: list[str], coros: list[Any]) -> list[DocResult]:
+    """Await every document; an error of one request fails that document only, unless fatal."""
+    outcomes = await asyncio.gather(*coros, return_exceptions=True)
+    results: list[DocResult] = []
+    for doc_id, outcome in zip(ids, outcomes, strict=True):
+        if isinstance(outcome, EngineDeadError):
+            raise outcome
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, Exception):
+                raise outcome
+            results.append(DocResult(id=doc_id, error=f"engine_error: {outcome}"))
+        else:
+            results.append(outcome)
+    return results

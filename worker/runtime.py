@@ -1,0 +1,151 @@
+"""A worker process's long-lived parts: DB, S3, loop thread, engines, heartbeats, leases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.models import Worker
+from postroom.db.session import make_engine, make_sessionmaker
+from postroom.jobs import extend_leases
+from postroom.settings import DEFAULT_TINY_MODEL_DIR, Settings
+from postroom.storage import Storage
+from worker.classifier import Classifier, EngineClassifier
+from worker.engine import EngineAdapter
+from worker.loop import LoopThread
+from worker.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Everything a task needs, built once per worker process (never at import)."""
+
+    def __init__(self, settings: Settings, *, models: list[str], route: str = "gpu") -> None:
+        self.settings = settings
+        self.models = models
+        self.route = route
+        self.name = f"{route}@{socket.gethostname()}:{os.getpid()}"
+        self.sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings))
+        self.storage = Storage(settings)
+        self.loop = LoopThread()
+        self.engines: dict[str, EngineAdapter] = {}
+        self.classifier: Classifier | None = None
+        self._leases: dict[tuple[uuid.UUID, int], int] = {}
+        self._leases_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.docs_done = 0
+        self.shards_done = 0
+
+    def start(self) -> None:
+        self.beat()  # register first: the API accepts jobs for these aliases from now on
+        for alias in self.models:
+            spec = self.settings.model_spec(alias)
+            if spec.path == DEFAULT_TINY_MODEL_DIR and not Path(spec.path).exists():
+                # The default model is generated, not downloaded: build it on first start.
+                build_model(Path(spec.path))
+            engine = EngineAdapter(
+                alias=alias, spec=spec, path=self.settings.model_path(alias), settings=self.settings
+            )
+            self.loop.run(engine.start(), timeout=900)
+            self.engines[alias] = engine
+        self.classifier = EngineClassifier(
+            loop=self.loop,
+            engines=self.engines,
+            doc_max_tokens=self.settings.doc_max_tokens,
+            choice_max_tokens=self.settings.choice_max_tokens,
+            embedding_temperature=self.settings.embedding_temperature,
+            timeout=self.settings.engine_request_timeout_seconds,
+        )
+        self._heartbeat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        self.beat()
+        logger.info("worker %s ready: models %s", self.name, ",".join(self.models))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for engine in self.engines.values():
+            engine.shutdown()
+        self.loop.stop()
+
+    # -- leases of shards being worked, pushed out by the heartbeat
+    def hold(self, job_id: uuid.UUID, shard_no: int, attempt: int) -> None:
+        with self._leases_lock:
+            self._leases[(job_id, shard_no)] = attempt
+
+    def drop(self, job_id: uuid.UUID, shard_no: int) -> None:
+        with self._leases_lock:
+            self._leases.pop((job_id, shard_no), None)
+
+    def stats(self) -> dict[str, Any]:
+        with self._leases_lock:
+            in_flight = len(self._leases)
+        return {
+            "shards_in_flight": in_flight,
+            "shards_done": self.shards_done,
+            "docs_done": self.docs_done,
+            "engines": {alias: engine.stats() for alias, engine in self.engines.items()},
+        }
+
+    def beat(self) -> None:
+        """Upsert this worker's row (models, stats) and extend the leases it holds."""
+        with self._leases_lock:
+            leases = [(job, shard, attempt) for (job, shard), attempt in self._leases.items()]
+        stats = self.stats()
+        with self.sessions.begin() as session:
+            stmt = insert(Worker).values(
+                name=self.name,
+                route=self.route,
+                models=self.models,
+                stats=stats,
+                docs_done=self.docs_done,
+            )
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[Worker.name],
+                    set_={
+                        "heartbeat_at": func.now(),
+                        "stats": stmt.excluded.stats,
+                        "models": stmt.excluded.models,
+                        "docs_done": stmt.excluded.docs_done,
+                    },
+                )
+            )
+            if leases:
+                extend_leases(
+                    session=session, leases=leases, lease_seconds=self.settings.lease_seconds
+                )
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self.settings.worker_heartbeat_seconds):
+            try:
+                self.beat()
+            except SQLAlchemyError as e:
+                logger.warning("heartbeat failed: %s", e)
+
+
+_runtime: Runtime | None = None
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def get_runtime() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError(
+            "the worker runtime is not started (start workers with `postroom worker`)"
+        )
+    return _runtime
