@@ -36,7 +36,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = []
         for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
+            loc = [
+                str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")
+            ]
             details.append({"field": ".".join(loc) or "body", "reason": err.get("msg", "")})
         first = details[0] if details else {"field": "body", "reason": "invalid"}
         return error_response(

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_key: SecretStr = SecretStr("")
 
+    # -- Flower (Celery monitoring); it refuses to start without credentials
+    flower_port: PositiveInt = 5555
+    flower_basic_auth: SecretStr = SecretStr("")
+
     # -- jobs and limits
     shard_size: PositiveInt = 256
     max_labels: PositiveInt = 1000
@@ -96,7 +100,7 @@ class Settings(BaseSettings):
     engine_kv_cache_bytes: PositiveInt = 512 * 1024 * 1024
     engine_max_model_len: PositiveInt = 1024
     engine_max_num_seqs: PositiveInt = 128
-    engine_max_num_batched_tokens: PositiveInt | None = None
+    engine_max_num_batched_tokens: int = Field(default=0, ge=0, description="0 = vLLM default")
     engine_inflight_factor: PositiveFloat = 2.0
     engine_enforce_eager: bool = True
     engine_prefix_caching: bool = True

@@ -92,6 +92,32 @@ def worker(
     )
 
 
+@app.command()
+def flower(
+    port: Annotated[int | None, typer.Option(help="port [POSTROOM_FLOWER_PORT]")] = None,
+    address: str = "127.0.0.1",
+) -> None:
+    """Run Flower on the broker, behind basic auth (POSTROOM_FLOWER_BASIC_AUTH=user:password)."""
+    from postroom.queue import make_celery
+
+    settings = get_settings()
+    auth = settings.flower_basic_auth.get_secret_value()
+    if ":" not in auth:
+        raise typer.BadParameter(
+            "set POSTROOM_FLOWER_BASIC_AUTH=user:password; Flower never runs open"
+        )
+    make_celery(settings).start(
+        [
+            "flower",
+            f"--port={port or settings.flower_port}",
+            f"--address={address}",
+            f"--basic-auth={auth}",
+            "--persistent=False",
+            "--max_tasks=100000",
+        ]
+    )
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: str, admin: Annotated[bool, typer.Option(help="operator key")] = False

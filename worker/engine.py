@@ -8,7 +8,6 @@ every document of every shard in the engine at once.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from postroom.errors import EngineDeadError
 from postroom.settings import ModelSpec, Settings
+from worker.slots import FairSlots
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class EngineAdapter:
             1, int(settings.engine_max_num_seqs * settings.engine_inflight_factor)
         )
         self._llm: Any = None
-        self._sem: asyncio.Semaphore | None = None
+        self._slots: FairSlots | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._seq = 0
@@ -133,7 +133,7 @@ class EngineAdapter:
             options["gpu_memory_utilization"] = self.settings.engine_gpu_memory_utilization
         options.update(self.spec.engine_options)
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
-        self._sem = asyncio.Semaphore(self.max_inflight)
+        self._slots = FairSlots(self.max_inflight)
         self.started_seconds = time.monotonic() - started
         logger.info(
             "engine %s started on %s in %.1fs (max in flight %d)",
@@ -276,7 +276,7 @@ class EngineAdapter:
         return f"{shard}#{self._seq}"
 
     def _tracked(self, shard: str, prompt_tokens: int) -> _Tracked:
-        if self._llm is None or self._sem is None:
+        if self._llm is None or self._slots is None:
             raise EngineDeadError(f"engine {self.alias} is not running")
         return _Tracked(self, shard, prompt_tokens)
 
@@ -306,8 +306,8 @@ class _Tracked:
 
     async def __aenter__(self) -> None:
         engine = self.engine
-        assert engine._sem is not None
-        await engine._sem.acquire()
+        assert engine._slots is not None
+        await engine._slots.acquire(self.shard)
         engine.inflight += 1
         engine._inflight_by_shard[self.shard] += 1
         engine.max_inflight_seen = max(engine.max_inflight_seen, engine.inflight)
@@ -322,5 +322,5 @@ class _Tracked:
             del engine._inflight_by_shard[self.shard]
         engine.requests_total += 1
         engine.prompt_tokens_total += self.prompt_tokens
-        assert engine._sem is not None
-        engine._sem.release()
+        assert engine._slots is not None
+        engine._slots.release(self.shard)

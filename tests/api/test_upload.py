@@ -1,0 +1,101 @@
+"""Streamed JSONL uploads: bad lines are named by number; `on_invalid=skip` runs without them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from postroom_cli.client import Client
+from tests.helpers import LABELS, wait_for_status
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+GOOD = [json.dumps({"id": f"g{i}", "text": f"my invoice {i} is wrong"}).encode() for i in range(5)]
+BAD_LINES = {
+    2: b"{not json",
+    4: json.dumps({"id": "x1"}).encode(),  # no text
+    5: json.dumps({"id": "g0", "text": "duplicate id"}).encode(),
+    7: b'{"id": "x2", "text": "caf\xe9 latte"}',  # latin-1, not UTF-8
+    8: json.dumps({"id": "x3", "text": ""}).encode(),
+}
+
+
+def _body() -> bytes:
+    lines: list[bytes] = []
+    good = iter(GOOD)
+    for number in range(1, 11):
+        lines.append(BAD_LINES.get(number) or next(good, b""))
+    return b"\n".join(lines) + b"\n"
+
+
+def _upload(client: Client, body: bytes, **params: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    response = client.http.post(
+        "/v1/jobs/upload",
+        params={"labels": ",".join(LABELS), **params},
+        content=body,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    return response.status_code, response.json()
+
+
+def test_bad_lines_are_refused_naming_each_line(client: Client) -> None:
+    status, body = _upload(client, _body())
+    assert status == 422
+    error = body["error"]
+    assert error["code"] == "invalid_documents"
+    assert "on_invalid=skip" in error["message"]
+    by_line = {d["line"]: d for d in error["details"]}
+    assert set(by_line) == set(BAD_LINES)
+    assert "not valid JSON" in by_line[2]["reason"]
+    assert by_line[4]["field"] == "text"
+    assert "missing" in by_line[4]["reason"]
+    assert "duplicate id" in by_line[5]["reason"]
+    assert "not UTF-8" in by_line[7]["reason"]
+    assert "empty" in by_line[8]["reason"]
+    # No job was created
+    assert client.jobs()["data"] == []
+
+
+def test_skip_runs_the_job_and_reports_bad_lines_as_failed(client: Client) -> None:
+    status, body = _upload(client, _body(), on_invalid="skip")
+    assert status == 201, body
+    job = wait_for_status(client, body["id"])
+    assert job["status"] == "completed"
+    assert job["counts"]["total"] == 10
+    assert job["counts"]["failed"] == len(BAD_LINES)
+    assert job["counts"]["succeeded"] == 5
+    failed = list(client.results(body["id"], only_failed=True))
+    assert len(failed) == len(BAD_LINES)
+    reasons = " | ".join(r["error"] for r in failed)
+    for number in BAD_LINES:
+        assert f"line {number}" in reasons
+    every = list(client.results(body["id"]))
+    assert len(every) == 10
+    assert {r["label"] for r in every if not r["error"]} <= set(LABELS)
+
+
+def test_line_over_the_byte_limit_is_reported_not_buffered(client: Client) -> None:
+    huge = json.dumps({"id": "big", "text": "a" * 1_100_000}).encode()
+    status, body = _upload(client, GOOD[0] + b"\n" + huge + b"\n" + GOOD[1] + b"\n")
+    assert status == 422
+    (detail,) = body["error"]["details"]
+    assert detail["line"] == 2
+    assert "POSTROOM_MAX_DOCUMENT_BYTES" in detail["reason"]
+
+
+def test_empty_upload_is_refused(client: Client) -> None:
+    status, body = _upload(client, b"")
+    assert status == 422
+    assert "no documents" in body["error"]["message"]
+
+
+def test_multipart_file_upload(client: Client) -> None:
+    response = client.http.post(
+        "/v1/jobs/upload",
+        params={"labels": ",".join(LABELS)},
+        files={"file": ("docs.jsonl", b"\n".join(GOOD) + b"\n", "application/x-ndjson")},
+    )
+    assert response.status_code == 201, response.text
+    job = wait_for_status(client, response.json()["id"])
+    assert job["counts"]["succeeded"] == 5

@@ -1,0 +1,224 @@
+"""Real services on loopback, shared by the whole run.
+
+Postgres and Redis (isolated by a fresh database and a db number), a moto S3 server, and the API and
+a worker started with the same `postroom` commands compose and the README use.
+
+A service that is down fails the run with the command that starts it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.migrate import migrate
+from postroom.db.session import make_engine, make_sessionmaker
+from postroom.settings import ModelSpec, Settings
+from postroom.storage import Storage
+from postroom.tenants import create_key
+from postroom_cli.client import Client
+from postroom_cli.local import (
+    free_port,
+    http_ok,
+    postroom_command,
+    reachable,
+    spawn,
+    start_moto,
+    stop,
+)
+from tests.waiting import wait_until
+from worker.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+REDIS_START = (
+    'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'
+)
+TEST_REDIS_DB = 15
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return build_model(ROOT / ".cache" / "models" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    server, endpoint = start_moto()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    if not reachable("127.0.0.1", 5432):
+        pytest.fail(f"Postgres is not running on 127.0.0.1:5432; start it: {PG_START}")
+    name = f"postroom_test_{secrets.token_hex(4)}"
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    migrate(url)
+    yield url
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    if not reachable("127.0.0.1", 6379):
+        pytest.fail(f"Redis is not running on 127.0.0.1:6379; start it: {REDIS_START}")
+    url = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="session")
+def settings(
+    database_url: str, broker_url: str, s3_endpoint: str, tiny_model_dir: Path
+) -> Settings:
+    base = Settings()
+    models = {
+        **base.models,
+        "tiny": ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0"),
+    }
+    settings = Settings(
+        environment="test",
+        database_url=database_url,
+        broker_url=broker_url,
+        s3_endpoint_url=s3_endpoint,
+        s3_bucket=f"postroom-test-{secrets.token_hex(3)}",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        shard_size=100,
+        models=models,
+        worker_models=["tiny"],
+        engine_max_num_seqs=32,
+        worker_heartbeat_seconds=1.0,
+    )
+    Storage(settings).ensure_bucket()
+    return settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The POSTROOM_* environment that makes a child process see `settings`."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if isinstance(value, dict | list):
+            text = json.dumps(value) if name != "worker_models" else ",".join(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif value is None:
+            continue
+        else:
+            text = str(value)
+        env[f"POSTROOM_{name.upper()}"] = text
+    env["POSTROOM_S3_SECRET_ACCESS_KEY"] = settings.s3_secret_access_key.get_secret_value()
+    env["POSTROOM_API_KEY"] = settings.api_key.get_secret_value()
+    return env
+
+
+@pytest.fixture(scope="session")
+def env(settings: Settings) -> dict[str, str]:
+    return settings_env(settings)
+
+
+@pytest.fixture(scope="session")
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def storage(settings: Settings) -> Storage:
+    return Storage(settings)
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def api_url(env: dict[str, str], logs_dir: Path) -> Iterator[str]:
+    """`postroom api` as compose runs it, on a free port."""
+    port = free_port()
+    log = logs_dir / "api.log"
+    proc = spawn(postroom_command("api", "--port", str(port)), env=env, log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_ok(f"{url}/readyz"), timeout=60, what="API ready", alive=proc)
+    except (TimeoutError, RuntimeError) as e:
+        stop(proc)
+        pytest.fail(f"{e}\n{_tail(log)}")
+    yield url
+    stop(proc)
+
+
+def worker_stats(
+    sessions: sessionmaker[Session], name_prefix: str = "gpu@"
+) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from postroom.db.models import Worker
+
+    with sessions() as session:
+        return [
+            {"name": w.name, **w.stats}
+            for w in session.scalars(select(Worker).where(Worker.name.startswith(name_prefix)))
+        ]
+
+
+def start_worker(
+    env: dict[str, str], log: Path, sessions: sessionmaker[Session], *args: str
+) -> subprocess.Popen[bytes]:
+    """`postroom worker …` as compose runs it; returns once its engines are up."""
+    proc = spawn(postroom_command("worker", *args), env=env, log=log)
+
+    def ready() -> bool:
+        return any(
+            s.get("engines") and s["name"].endswith(f":{proc.pid}") for s in worker_stats(sessions)
+        )
+
+    try:
+        wait_until(ready, timeout=240, what="worker engine started", alive=proc)
+    except (TimeoutError, RuntimeError) as e:
+        stop(proc)
+        pytest.fail(f"{e}\n{_tail(log)}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def worker(
+    env: dict[str, str], logs_dir: Path, sessions: sessionmaker[Session]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The documented worker command: `postroom worker --concurrency 8` (threads pool)."""
+    proc = start_worker(env, logs_dir / "worker.log", sessions, "--concurrency", "8")
+    yield proc
+    stop(proc)
+
+
+@pytest.fixture
+def tenant_key(sessions: sessionmaker[Session]) -> str:
+    """A fresh tenant with its own key: tests are isolated by tenant, not by rollback."""
+    with sessions.begin() as session:
+        return create_key(session=session, tenant=f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def client(api_url: str, tenant_key: str) -> Client:
+    return Client(api_url, tenant_key)
