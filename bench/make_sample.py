@@ -75,7 +75,7 @@ My invoice lists 5 seats but we only pay for 3, can someone fix the billing?
 Do you accept bank transfer or only card payments for the {plan}?
 We got two invoices for the {plan} this month, can you explain the difference?
 Can I switch from monthly to annual billing and pay for the {plan} by invoice?
-The receipt for my {amount} payment shows the wrong company name, can you reissue it?
+The invoice for my {amount} payment shows the wrong company name, can you reissue it?
 What payment methods do you accept? My Amex card isn't listed at checkout.
 """,
     "technical": """

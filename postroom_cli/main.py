@@ -324,6 +324,41 @@ def cancel(job_id: str, api_url: ApiUrl = None, key: ApiKey = None) -> None:
     console.print(f"job {job['id']}: {job['status']}")
 
 
+@app.command("eval")
+def eval_(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL with `label`")],
+    labels: Annotated[
+        str | None, typer.Option(help="a,b,c, a JSON list, or @labels.json (default: sidecar)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="model alias")] = None,
+    mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion."""
+    from postroom_cli.evaluate import run_eval
+
+    client = _client(api_url, key)
+    try:
+        report, job, elapsed = run_eval(
+            client, file, labels=labels, model=model, mode=mode, console=console
+        )
+    except (ApiError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    data = {
+        **report.to_json(),
+        "job_id": job["id"],
+        "model": job["model"],
+        "revision": job["revision"],
+        "seconds": round(elapsed, 2),
+    }
+    if json_out:
+        json_out.write_text(json.dumps(data, indent=2))
+        console.print(f"report written to {json_out}")
+
+
 @app.command()
 def demo(
     docs: Annotated[int, typer.Option(help="documents to classify")] = 1000,

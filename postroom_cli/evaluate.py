@@ -1,0 +1,73 @@
+"""`postroom eval`: a labelled JSONL through the real pipeline, scored against its truth."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from postroom_cli.client import Client
+from postroom_cli.quality import Report, print_report, score
+
+SAMPLE = Path(__file__).resolve().parents[1] / "postroom" / "data" / "support_tickets.jsonl"
+
+
+def labels_param(path: Path, labels: str | None) -> str:
+    """The `labels` upload parameter: given inline, `@file.json`, or the file's sidecar
+    `<name>.labels.json` (the shipped sample has one, with descriptions)."""
+    if labels and labels.startswith("@"):
+        return Path(labels[1:]).read_text()
+    if labels:
+        return labels
+    sidecar = path.with_name(path.name.removesuffix(".jsonl") + ".labels.json")
+    if sidecar.exists():
+        return sidecar.read_text()
+    raise ValueError(f"give --labels (no {sidecar.name} next to {path.name})")
+
+
+def label_names(param: str) -> list[str]:
+    text = param.strip()
+    if text.startswith("["):
+        return [x if isinstance(x, str) else x["name"] for x in json.loads(text)]
+    return [part.strip() for part in text.split(",")]
+
+
+def run_eval(
+    client: Client,
+    path: Path,
+    *,
+    labels: str | None,
+    model: str | None,
+    mode: str | None,
+    console: Console,
+    timeout: float = 3600.0,
+) -> tuple[Report, dict[str, Any], float]:
+    """Upload the documents without their `label` field, wait, and score the results."""
+    from postroom_cli.main import wait_for_job
+
+    param = labels_param(path, labels)
+    truth: dict[str, str] = {}
+    with (
+        tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as tmp,
+        path.open(encoding="utf-8") as src,
+    ):
+        for number, line in enumerate(src, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            doc_id = str(row.get("id", number))
+            truth[doc_id] = row.pop("label")
+            tmp.write(json.dumps(row, ensure_ascii=False) + "\n")
+    started = time.monotonic()
+    job = client.upload(Path(tmp.name), {"labels": param, "model": model, "mode": mode})
+    Path(tmp.name).unlink()
+    job = wait_for_job(client, job["id"], timeout=timeout)
+    elapsed = time.monotonic() - started
+    predicted = {r["id"]: r["label"] for r in client.results(job["id"])}
+    report = score(label_names(param), [(t, predicted.get(i)) for i, t in truth.items()])
+    print_report(report, console)
+    return report, job, elapsed
