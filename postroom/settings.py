@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     max_results_page: PositiveInt = 100
 
     # -- models
-    model: str = "tiny"
+    model: str = "minilm"
     models: dict[str, ModelSpec] = Field(default_factory=_default_models)
     worker_registration_ttl: PositiveInt = 86_400
 

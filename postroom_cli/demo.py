@@ -7,10 +7,7 @@ Starts moto S3 on loopback when no S3 endpoint is configured, checks that Postgr
 
 from __future__ import annotations
 
-import json
-import random
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,6 +21,7 @@ from postroom.db.session import make_engine, make_sessionmaker
 from postroom.settings import Settings
 from postroom.tenants import create_key
 from postroom_cli.client import ApiError, Client
+from postroom_cli.evaluate import run_eval
 from postroom_cli.local import (
     children,
     free_port,
@@ -34,7 +32,7 @@ from postroom_cli.local import (
     start_moto,
     wait_until,
 )
-from postroom_cli.main import print_summary, wait_for_job
+from postroom_cli.main import print_summary
 
 console = Console(stderr=True)
 
@@ -46,12 +44,6 @@ REDIS_HINT = (
     "start it: redis-server --daemonize yes --port 6379 (or `docker compose up -d redis`), "
     "or set POSTROOM_BROKER_URL"
 )
-DEMO_LABELS = "billing,technical,shipping"
-WORDS = {
-    "billing": "invoice charge payment card billing price plan refund",
-    "technical": "error crash bug login password server outage slow",
-    "shipping": "delivery package shipping tracking late damaged order return",
-}
 
 
 def check_services(settings: Settings) -> list[str]:
@@ -70,23 +62,21 @@ def check_services(settings: Settings) -> list[str]:
     return problems
 
 
-def demo_documents(count: int, *, seed: int = 0) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    docs = []
-    for index in range(count):
-        label = rng.choice(sorted(WORDS))
-        words = rng.choices(WORDS[label].split(), k=rng.randint(8, 40))
-        docs.append({"id": f"doc-{index:06d}", "text": " ".join(words)})
-    return docs
+def pick_model(settings: Settings, *, model: str | None, mode: str | None) -> str:
+    if model:
+        return model
+    if mode and settings.models[settings.model].mode != mode:
+        return next(a for a, spec in settings.models.items() if spec.mode == mode)
+    return settings.model
 
 
-def run_demo(settings: Settings, *, docs: int, model: str | None) -> int:
+def run_demo(settings: Settings, *, file: Path, model: str | None, mode: str | None) -> int:
     problems = check_services(settings)
     if problems:
         for line in problems:
             console.print(f"[red]✗[/] {line}")
         return 2
-    alias = model or settings.model
+    alias = pick_model(settings, model=model, mode=mode)
     env: dict[str, str] = {}
     moto = None
     if not settings.s3_endpoint_url:
@@ -139,20 +129,18 @@ def run_demo(settings: Settings, *, docs: int, model: str | None) -> int:
             with sessions.begin() as session:
                 key = create_key(session=session, tenant="demo")
             client = Client(api_url, key)
-            path = logs / "demo.jsonl"
-            path.write_text(
-                "".join(json.dumps(d) + "\n" for d in demo_documents(docs)), encoding="utf-8"
+            console.print(f"classifying {file.name} with {alias!r} ({settings.models[alias].mode})")
+            report, job, elapsed = run_eval(
+                client, file, labels=None, model=alias, mode=None, console=console
             )
-            started = time.monotonic()
-            job = client.upload(path, {"labels": DEMO_LABELS, "model": alias})
-            console.print(f"submitted job {job['id']} with {docs:,} documents")
-            job = wait_for_job(client, job["id"], timeout=1800)
-            elapsed = time.monotonic() - started
             print_summary(client, job)
+            total = job["counts"]["total"]
             console.print(
-                f"{docs:,} documents in {elapsed:.1f}s = {docs / elapsed:,.0f} docs/s end to end\n"
+                f"[bold]accuracy against the sample's truth: {report.accuracy:.1%}[/] "
+                f"(macro-F1 {report.macro_f1:.3f}) · {total:,} documents in {elapsed:.1f}s = "
+                f"{total / elapsed:,.0f} docs/s end to end\n"
                 f"results: s3://{settings.s3_bucket}/results/{job['id']}/ · "
-                f"{api_url}/v1/jobs/{job['id']}/results"
+                f"{api_url}/v1/jobs/{job['id']}/results (key: {key})"
             )
     except (ApiError, TimeoutError, RuntimeError) as e:
         console.print(f"[red]demo failed:[/] {e} (logs in {logs})")

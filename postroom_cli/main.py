@@ -361,10 +361,14 @@ def eval_(
 
 @app.command()
 def demo(
-    docs: Annotated[int, typer.Option(help="documents to classify")] = 1000,
-    model: Annotated[str | None, typer.Option(help="model alias")] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="labelled JSONL (default: the shipped support tickets)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="model alias [POSTROOM_MODEL]")] = None,
+    mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
 ) -> None:
-    """Start what is missing (S3, API, worker), classify a demo job, print its labels."""
+    """Start what is missing (S3, API, worker), classify the sample, print labels and accuracy."""
     from postroom_cli.demo import run_demo
+    from postroom_cli.evaluate import SAMPLE
 
-    raise typer.Exit(run_demo(get_settings(), docs=docs, model=model))
+    raise typer.Exit(run_demo(get_settings(), file=file or SAMPLE, model=model, mode=mode))

@@ -85,10 +85,9 @@ def settings(
     database_url: str, broker_url: str, s3_endpoint: str, tiny_model_dir: Path
 ) -> Settings:
     base = Settings()
-    models = {
-        **base.models,
-        "tiny": ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0"),
-    }
+    tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
+    # "unserved" is in the registry but no worker hosts it: jobs for it must be refused.
+    models = {**base.models, "tiny": tiny, "unserved": tiny}
     settings = Settings(
         environment="test",
         database_url=database_url,
@@ -99,7 +98,8 @@ def settings(
         s3_secret_access_key="testing",
         shard_size=100,
         models=models,
-        worker_models=["tiny"],
+        model="tiny",
+        worker_models=["tiny", "minilm"],
         engine_max_num_seqs=32,
         worker_heartbeat_seconds=1.0,
     )
@@ -206,7 +206,8 @@ def start_worker(
 def worker(
     env: dict[str, str], logs_dir: Path, sessions: sessionmaker[Session]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """The documented worker command: `postroom worker --concurrency 8` (threads pool)."""
+    """The documented worker command: `postroom worker --concurrency 8` (threads pool), hosting
+    the aliases of POSTROOM_WORKER_MODELS: tiny (generative) and minilm (embedding)."""
     proc = start_worker(env, logs_dir / "worker.log", sessions, "--concurrency", "8")
     yield proc
     stop(proc)
