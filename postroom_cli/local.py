@@ -6,6 +6,7 @@ Used by `postroom demo`, the benchmarks and the tests, so all three start proces
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+
+from postroom.settings import Settings
 
 T = TypeVar("T")
 
@@ -47,6 +50,24 @@ def start_moto(port: int | None = None) -> tuple[Any, str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     return server, f"http://127.0.0.1:{port}"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The POSTROOM_* environment that makes a child process see `settings`."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if isinstance(value, dict | list):
+            text = json.dumps(value) if name != "worker_models" else ",".join(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif value is None:
+            continue
+        else:
+            text = str(value)
+        env[f"POSTROOM_{name.upper()}"] = text
+    env["POSTROOM_S3_SECRET_ACCESS_KEY"] = settings.s3_secret_access_key.get_secret_value()
+    env["POSTROOM_API_KEY"] = settings.api_key.get_secret_value()
+    return env
 
 
 def postroom_command(*args: str) -> list[str]:

@@ -8,7 +8,6 @@ A service that is down fails the run with the command that starts it; nothing is
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 import uuid
@@ -32,6 +31,7 @@ from postroom_cli.local import (
     http_ok,
     postroom_command,
     reachable,
+    settings_env,
     spawn,
     start_moto,
     stop,
@@ -105,24 +105,6 @@ def settings(
     )
     Storage(settings).ensure_bucket()
     return settings
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The POSTROOM_* environment that makes a child process see `settings`."""
-    env = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if isinstance(value, dict | list):
-            text = json.dumps(value) if name != "worker_models" else ",".join(value)
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif value is None:
-            continue
-        else:
-            text = str(value)
-        env[f"POSTROOM_{name.upper()}"] = text
-    env["POSTROOM_S3_SECRET_ACCESS_KEY"] = settings.s3_secret_access_key.get_secret_value()
-    env["POSTROOM_API_KEY"] = settings.api_key.get_secret_value()
-    return env
 
 
 @pytest.fixture(scope="session")

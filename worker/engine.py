@@ -98,14 +98,8 @@ class EngineAdapter:
         self.cached_tokens_total = 0
         self.started_seconds = 0.0
 
-    # -- lifecycle (called on the LoopThread)
-    async def start(self) -> None:
-        started = time.monotonic()
-        set_vllm_environment(self.settings, self.device)
-        _import_vllm()
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+    def engine_options(self) -> dict[str, Any]:
+        """vLLM engine arguments from settings; benchmarks build their raw engine from these too."""
         options: dict[str, Any] = {
             "model": self.path,
             "tokenizer": self.path,
@@ -132,6 +126,17 @@ class EngineAdapter:
         else:
             options["gpu_memory_utilization"] = self.settings.engine_gpu_memory_utilization
         options.update(self.spec.engine_options)
+        return options
+
+    # -- lifecycle (called on the LoopThread)
+    async def start(self) -> None:
+        started = time.monotonic()
+        set_vllm_environment(self.settings, self.device)
+        _import_vllm()
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        options = self.engine_options()
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
         self._slots = FairSlots(self.max_inflight)
         self.started_seconds = time.monotonic() - started
