@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import install_error_handlers
-from api.routes import jobs, ops
+from api.routes import batches, jobs, ops
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import bound, configure_logging
 from postroom.queue import make_celery
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(jobs.router)
     app.include_router(ops.router)
+    app.include_router(batches.openai_router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
     return app

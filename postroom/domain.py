@@ -27,10 +27,11 @@ class ShardState(enum.StrEnum):
     done = "done"
     failed = "failed"
     cancelled = "cancelled"
+    replaced = "split"  # split into smaller shards to isolate a poison document
 
 
 SHARD_CLAIMABLE = (ShardState.queued, ShardState.expired)
-SHARD_FINISHED = (ShardState.done, ShardState.failed, ShardState.cancelled)
+SHARD_FINISHED = (ShardState.done, ShardState.failed, ShardState.cancelled, ShardState.replaced)
 
 Mode = Literal["generative", "embedding"]
 Decoding = Literal["score", "choice"]

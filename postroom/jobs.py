@@ -258,8 +258,11 @@ def publish_job(*, session: Session, celery: Celery, job_id: uuid.UUID) -> int:
 
 def claim_shard(
     *, session: Session, job_id: uuid.UUID, shard_no: int, worker: str, lease_seconds: int
-) -> int | None:
-    """Take a shard for work; returns the attempt number (the fencing token) or None.
+) -> tuple[int, int] | None:
+    """Take a shard for work; returns (attempt, crashes) or None.
+
+    `attempt` is the fencing token; `crashes` counts earlier attempts that ended without giving
+    the shard back (the worker died or hung), which is what poison isolation looks at.
 
     A shard can be claimed when it is queued, expired, or running with a lease that ran out (its
     worker died). A duplicate delivery finds it running or done and gets None: a no-op.
@@ -281,15 +284,15 @@ def claim_shard(
             worker=worker,
             started_at=func.now(),
         )
-        .returning(Shard.attempt)
-    ).scalar_one_or_none()
+        .returning(Shard.attempt, Shard.releases)
+    ).one_or_none()
     if attempt is not None:
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.queued)
             .values(status=JobStatus.running, started_at=func.now())
         )
-    return attempt
+    return None if attempt is None else (attempt[0], attempt[0] - 1 - attempt[1])
 
 
 def extend_leases(
@@ -322,7 +325,7 @@ def release_shard(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt
             Shard.attempt == attempt,
             Shard.state == ShardState.running,
         )
-        .values(state=ShardState.queued, lease_until=None, worker=None)
+        .values(state=ShardState.queued, lease_until=None, worker=None, releases=Shard.releases + 1)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -436,3 +439,136 @@ def job_counts(*, session: Session, job: Job) -> JobCounts:
     failed += job.rejected_docs
     pending = max(job.total_docs - succeeded - failed - cancelled, 0)
     return JobCounts(job.total_docs, succeeded, failed, pending, spilled, cancelled)
+
+
+def expire_leases(*, session: Session) -> int:
+    """Mark running shards whose lease ran out as `expired` (their worker died or hung)."""
+    result = session.execute(
+        update(Shard)
+        .where(Shard.state == ShardState.running, Shard.lease_until < func.now())
+        .values(state=ShardState.expired, worker=None, enqueued_at=None)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def shards_to_republish(
+    *, session: Session, idle_queues: Sequence[str], grace_seconds: float, stale_seconds: float
+) -> list[tuple[uuid.UUID, int, str]]:
+    """Claimable shards of active jobs whose doorbell may be lost, so they need a new message.
+
+    - never published (`enqueued_at` NULL: the broker was down at submission, or the lease expired);
+    - published but their queue is empty in the broker, so the message is gone (Redis restarted
+      empty, FLUSHALL, or a pop-before-ack loss) — after `grace_seconds`, which covers a message
+      popped and about to be claimed;
+    - published longer ago than `stale_seconds`, whatever the queue shows (a last resort).
+    A duplicate message is harmless: the claim turns it into a no-op.
+    """
+    now = func.now()
+    grace = timedelta(seconds=grace_seconds)
+    rows = session.execute(
+        select(Shard.job_id, Shard.shard_no, Shard.queue)
+        .join(Job, Job.id == Shard.job_id)
+        .where(
+            Job.status.in_(JOB_ACTIVE),
+            Shard.state.in_(SHARD_CLAIMABLE),
+            or_(
+                and_(Shard.enqueued_at.is_(None), Job.created_at < now - grace),
+                and_(Shard.queue.in_(list(idle_queues)), Shard.enqueued_at < now - grace),
+                Shard.enqueued_at < now - timedelta(seconds=stale_seconds),
+            ),
+        )
+        .order_by(Job.created_at, Shard.shard_no)
+        .limit(5000)
+    ).all()
+    return [(job_id, shard_no, queue) for job_id, shard_no, queue in rows]
+
+
+def mark_published(*, session: Session, shards: Sequence[tuple[uuid.UUID, int]]) -> None:
+    for job_id, shard_no in shards:
+        session.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.shard_no == shard_no)
+            .values(enqueued_at=func.now())
+        )
+
+
+def child_shard_nos(shard_no: int, *, shard_count: int, fanout: int, parts: int) -> list[int]:
+    """The numbers of a split shard's parts: `shard_count + fanout * n + j` for j < parts.
+
+    A deterministic function of the parent, so a repeated split makes the same children and two
+    shards splitting at once never collide (roots are < shard_count, children >= it, and
+    f*a + j = f*b + i with i, j < f forces a = b, i = j).
+    """
+    if parts > fanout:
+        raise ValueError("more parts than the fanout")
+    first = shard_count + fanout * shard_no
+    return [first + j for j in range(parts)]
+
+
+def split_shard(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    shard_no: int,
+    attempt: int,
+    children: Sequence[int],
+    child_sizes: Sequence[int],
+    queue: str,
+) -> list[int]:
+    """Replace a shard that keeps failing by smaller ones (numbers from child_shard_nos).
+
+    Fenced like finish_shard: returns [] when this attempt no longer holds the shard.
+    """
+    won = session.execute(
+        update(Shard)
+        .where(
+            Shard.job_id == job_id,
+            Shard.shard_no == shard_no,
+            Shard.attempt == attempt,
+            Shard.state == ShardState.running,
+        )
+        .values(state=ShardState.replaced, lease_until=None, finished_at=func.now())
+        .returning(Shard.shard_no)
+    ).scalar_one_or_none()
+    if won is None:
+        return []
+    session.execute(
+        insert(Shard).on_conflict_do_nothing(),
+        [
+            {
+                "job_id": job_id,
+                "shard_no": no,
+                "state": ShardState.queued,
+                "queue": queue,
+                "doc_count": size,
+                "attempt": 0,
+            }
+            for no, size in zip(children, child_sizes, strict=True)
+        ],
+    )
+    return list(children)
+
+
+def mark_results_written(*, session: Session, job_id: uuid.UUID, shard_no: int) -> None:
+    session.execute(
+        update(Shard)
+        .where(Shard.job_id == job_id, Shard.shard_no == shard_no)
+        .values(results_written_at=func.now())
+    )
+
+
+def unwritten_result_shards(
+    *, session: Session, grace_seconds: float, limit: int = 200
+) -> list[tuple[uuid.UUID, int]]:
+    """Done shards whose S3 result object was never written (the worker died right after its
+    commit), older than `grace_seconds`."""
+    rows = session.execute(
+        select(Shard.job_id, Shard.shard_no)
+        .where(
+            Shard.state == ShardState.done,
+            Shard.results_written_at.is_(None),
+            Shard.finished_at < func.now() - timedelta(seconds=grace_seconds),
+        )
+        .limit(limit)
+    ).all()
+    return [(job_id, shard_no) for job_id, shard_no in rows]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from postroom.settings import Settings
 
 TASK_CLASSIFY_SHARD = "postroom.classify_shard"
+TASK_REAP = "postroom.reap"
 QUEUE_SPILL = "spill"
+QUEUE_CONTROL = "control"
 GPU_QUEUE_PREFIX = "gpu"
 
 
@@ -43,6 +47,12 @@ def make_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.5},
     )
     return app
+
+
+def queue_depth(client: Any, queue: str) -> int:
+    """Messages waiting in a Redis-backed Celery queue (kombu keeps one list per priority step)."""
+    keys = [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]
+    return sum(int(client.llen(key)) for key in keys)
 
 
 def publish_shard(app: Celery, *, job_id: str, shard_no: int, queue: str) -> None:

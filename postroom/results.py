@@ -124,3 +124,35 @@ def iter_result_lines(
         if row.truncated:
             line["truncated"] = True
         yield line
+
+
+def shard_result_lines(
+    *, session: Session, job_id: uuid.UUID, shard_no: int, labels: Sequence[str]
+) -> list[dict[str, Any]]:
+    """A shard's committed results as the lines of its S3 object (distribution in label order,
+    as the worker writes it; JSONB does not keep key order)."""
+    rows = session.scalars(
+        select(Result)
+        .where(Result.job_id == job_id, Result.shard_no == shard_no)
+        .order_by(Result.line)
+    )
+    lines = []
+    for row in rows:
+        result = DocResult(
+            id=row.doc_id,
+            label=row.label,
+            confidence=row.confidence,
+            distribution=(
+                {name: row.distribution[name] for name in labels if name in row.distribution}
+                if row.distribution is not None
+                else None
+            ),
+            error=row.error,
+            truncated=row.truncated,
+        )
+        lines.append(
+            result_line(
+                result, route=row.route or "", model=row.model or "", revision=row.revision or ""
+            )
+        )
+    return lines

@@ -117,7 +117,21 @@ class Settings(BaseSettings):
     worker_heartbeat_seconds: PositiveFloat = 5.0
     lease_seconds: PositiveInt = 120
     max_attempts: PositiveInt = 3
+    # A shard that crashed workers max_attempts times is split into up to split_fanout parts (each
+    # run alone in its worker, so a crash is pinned on it); parts split again after
+    # split_max_attempts crashes, and a single document then fails with reason `poison`.
+    split_max_attempts: PositiveInt = 1
+    split_fanout: int = Field(default=16, ge=2, le=64)
     retry_backoff_max_seconds: PositiveInt = 60
+
+    # -- reaper (`postroom beat`)
+    reaper_interval_seconds: PositiveFloat = 5.0
+    republish_grace_seconds: PositiveFloat = 10.0
+    republish_stale_seconds: PositiveFloat = 900.0
+
+    # -- fault injection for the fault suite only: a document containing this text kills the
+    #    engine that reads it (empty = off; refused outside POSTROOM_ENVIRONMENT=test)
+    fault_poison_marker: str = ""
 
     # -- spill (managed OpenAI-compatible API)
     spill_base_url: str = ""
@@ -145,6 +159,10 @@ class Settings(BaseSettings):
         unknown = [alias for alias in self.worker_models if alias not in self.models]
         if unknown:
             raise ValueError(f"POSTROOM_WORKER_MODELS names unknown aliases: {', '.join(unknown)}")
+        if self.fault_poison_marker and self.environment != "test":
+            raise ValueError(
+                "POSTROOM_FAULT_POISON_MARKER is for tests only (POSTROOM_ENVIRONMENT=test)"
+            )
         if self.min_labels < 2:
             raise ValueError("POSTROOM_MIN_LABELS must be at least 2")
         return self

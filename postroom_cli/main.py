@@ -93,6 +93,14 @@ def worker(
 
 
 @app.command()
+def beat(loglevel: str = "INFO") -> None:
+    """Run the periodic tasks (reaper; later router and inbox) with Celery beat."""
+    from worker.control import run_beat
+
+    run_beat(get_settings(), loglevel=loglevel)
+
+
+@app.command()
 def flower(
     port: Annotated[int | None, typer.Option(help="port [POSTROOM_FLOWER_PORT]")] = None,
     address: str = "127.0.0.1",

@@ -47,6 +47,18 @@ REDIS_START = (
 TEST_REDIS_DB = 15
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fault-size",
+        choices=("ci", "full"),
+        default="ci",
+        help="fault suite size: ci (minutes, part of make test) or full (10,000 docs, 3 kills…)",
+    )
+    parser.addoption(
+        "--fault-report", default="", help="write the fault suite's counts here (JSON)"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     return build_model(ROOT / ".cache" / "models" / "tiny")

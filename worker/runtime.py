@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,38 @@ from worker.models import build_model
 logger = logging.getLogger(__name__)
 
 
+class Admission:
+    """A writer-preferring readers-writer lock: normal shards share the engine, a suspect shard
+    waits for them to drain and then runs alone; while a suspect waits, no new shard starts."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def __call__(self, *, exclusive: bool) -> Iterator[None]:
+        with self._cond:
+            if exclusive:
+                self._writers_waiting += 1
+                self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+                self._writers_waiting -= 1
+                self._writer = True
+            else:
+                self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+                self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._writer = False
+                else:
+                    self._readers -= 1
+                self._cond.notify_all()
+
+
 class Runtime:
     """Everything a task needs, built once per worker process (never at import)."""
 
@@ -47,6 +81,7 @@ class Runtime:
         self._heartbeat: threading.Thread | None = None
         self.docs_done = 0
         self.shards_done = 0
+        self.admission = Admission()
 
     def start(self) -> None:
         self.beat()  # register first: the API accepts jobs for these aliases from now on

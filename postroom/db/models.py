@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -92,7 +93,14 @@ class Job(Base):
 
 class Shard(Base):
     __tablename__ = "shards"
-    __table_args__ = (Index("ix_shards_state_lease", "state", "lease_until"),)
+    __table_args__ = (
+        Index("ix_shards_state_lease", "state", "lease_until"),
+        Index(
+            "ix_shards_unwritten",
+            "finished_at",
+            postgresql_where=text("state = 'done' AND results_written_at IS NULL"),
+        ),
+    )
 
     job_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
@@ -102,6 +110,9 @@ class Shard(Base):
     queue: Mapped[str] = mapped_column(String(100))
     doc_count: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts given back cleanly after a transient failure (S3, database): they are not crashes,
+    # so they do not count towards poison isolation.
+    releases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(String(200))
     route: Mapped[str | None] = mapped_column(String(8))
@@ -111,6 +122,9 @@ class Shard(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set once results/{job}/shard-N.jsonl holds the committed results (the S3 object is a
+    # projection of the Postgres rows, written after the fenced commit).
+    results_written_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Result(Base):

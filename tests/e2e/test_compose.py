@@ -28,7 +28,7 @@ def test_every_postroom_command_in_compose_exists() -> None:
         for name, svc in services.items()
         if str(svc.get("image", "")).startswith("postroom")
     }
-    assert {"migrate", "api", "worker", "flower"} <= set(postroom_services)
+    assert {"migrate", "api", "worker", "beat", "flower"} <= set(postroom_services)
     for name, service in postroom_services.items():
         command = service["command"]
         sub = cli.commands.get(command[0])

@@ -1,0 +1,176 @@
+"""The fault stack: private Redis and Postgres, moto behind a TCP proxy, the API, `postroom beat`
+(the reaper) and a supervised worker, all started with the documented commands."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.migrate import migrate
+from postroom.db.models import Shard
+from postroom.db.session import make_engine, make_sessionmaker
+from postroom.settings import ModelSpec, Settings
+from postroom.storage import Storage
+from postroom.tenants import create_key
+from postroom_cli.client import Client
+from postroom_cli.local import free_port, http_ok, postroom_command, settings_env, spawn, stop
+from tests.faults.harness import PrivatePostgres, PrivateRedis, Supervised, TcpProxy
+from tests.waiting import wait_until
+
+POISON = "\u2620POISON\u2620"
+
+
+@dataclass(frozen=True)
+class Size:
+    docs: int
+    kills: int
+    s3_outage: float
+
+
+SIZES = {"ci": Size(docs=1500, kills=2, s3_outage=8.0), "full": Size(10_000, 3, 30.0)}
+
+
+@pytest.fixture(scope="session")
+def size(request: pytest.FixtureRequest) -> Size:
+    return SIZES[request.config.getoption("--fault-size")]
+
+
+class FaultStack:
+    def __init__(self, root: Path, tiny_model_dir: Path, s3_endpoint: str) -> None:
+        self.root = root
+        self.redis = PrivateRedis(root / "redis")
+        self.postgres = PrivatePostgres()
+        self.proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+        tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
+        self.settings = Settings(
+            environment="test",
+            database_url=self.postgres.url,
+            broker_url=self.redis.url,
+            s3_endpoint_url=f"http://127.0.0.1:{self.proxy.port}",
+            s3_bucket=f"faults-{uuid.uuid4().hex[:6]}",
+            s3_access_key_id="testing",
+            s3_secret_access_key="testing",
+            s3_timeout_seconds=5.0,
+            models={**Settings().models, "tiny": tiny},
+            model="tiny",
+            worker_models=["tiny"],
+            shard_size=50,
+            worker_concurrency=4,
+            engine_max_num_seqs=32,
+            lease_seconds=6,
+            worker_heartbeat_seconds=1.0,
+            max_attempts=2,
+            split_max_attempts=1,
+            split_fanout=8,
+            reaper_interval_seconds=1.0,
+            republish_grace_seconds=3.0,
+            retry_backoff_max_seconds=4,
+            database_statement_timeout_ms=10_000,
+            fault_poison_marker=POISON,
+        )
+        self.env = settings_env(self.settings)
+        self.procs: list[Any] = []
+
+    def start(self) -> None:
+        self.redis.start()
+        self.postgres.start()
+        migrate(self.settings.database_url)
+        Storage(self.settings).ensure_bucket()
+        self.storage = Storage(self.settings)
+        self.engine = make_engine(self.settings)
+        self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        api = spawn(
+            postroom_command("api", "--port", str(port)), env=self.env, log=self.root / "api.log"
+        )
+        self.procs.append(api)
+        beat = Supervised(postroom_command("beat"), env=self.env, log=self.root / "beat.log")
+        self.procs.append(beat)
+        self.worker = Supervised(
+            postroom_command("worker"), env=self.env, log=self.root / "worker.log"
+        )
+        wait_until(lambda: http_ok(f"{self.api_url}/readyz"), timeout=60, what="fault API")
+        self.wait_worker_ready()
+        with self.sessions.begin() as session:
+            self.client = Client(self.api_url, create_key(session=session, tenant="faults"))
+
+    def wait_worker_ready(self) -> None:
+        from postroom.db.models import Worker
+
+        def ready() -> bool:
+            pid = self.worker.proc.pid
+            with self.sessions() as session:
+                rows = session.execute(select(Worker.name, Worker.stats)).all()
+            return any(name.endswith(f":{pid}") and stats.get("engines") for name, stats in rows)
+
+        wait_until(ready, timeout=240, what="fault worker engine")
+
+    def stop(self) -> None:
+        self.worker.stop()
+        for proc in reversed(self.procs):
+            proc.stop() if isinstance(proc, Supervised) else stop(proc)
+        self.engine.dispose()
+        self.proxy.close()
+        self.redis.stop()
+        self.postgres.stop()
+
+    # -- helpers for scenarios
+    def submit(
+        self, docs: int, *, poison_at: int | None = None, seed: int = 0
+    ) -> tuple[uuid.UUID, set[str]]:
+        rng = random.Random(seed)
+        words = ("invoice", "charge", "login", "crash", "package", "late", "refund", "server")
+        lines = []
+        for i in range(docs):
+            text = " ".join(rng.choices(words, k=rng.randint(20, 120)))
+            if i == poison_at:
+                text += " " + POISON
+            lines.append({"id": f"f{seed}-{i:06d}", "text": text})
+        path = self.root / f"job-{seed}.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        job = self.client.upload(path, {"labels": "billing,technical,shipping"})
+        return uuid.UUID(job["id"]), {line["id"] for line in lines}
+
+    def finished_docs(self, job_id: uuid.UUID) -> int:
+        with self.sessions() as session:
+            return int(
+                session.execute(
+                    select(func.coalesce(func.sum(Shard.succeeded + Shard.failed), 0)).where(
+                        Shard.job_id == job_id
+                    )
+                ).scalar_one()
+            )
+
+    def wait_progress(self, job_id: uuid.UUID, at_least: int, *, timeout: float = 240) -> None:
+        wait_until(
+            lambda: self.finished_docs(job_id) >= at_least,
+            timeout=timeout,
+            what=f"{at_least} documents of {job_id} finished",
+        )
+
+    def wait_completed(self, job_id: uuid.UUID, *, timeout: float = 600) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            job = self.client.job(str(job_id))
+            return job if job["status"] in ("completed", "failed", "cancelled") else None
+
+        return wait_until(done, timeout=timeout, what=f"job {job_id} completed")
+
+
+@pytest.fixture(scope="session")
+def fault_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, s3_endpoint: str
+) -> Iterator[FaultStack]:
+    stack = FaultStack(tmp_path_factory.mktemp("faults"), tiny_model_dir, s3_endpoint)
+    stack.start()
+    yield stack
+    stack.stop()

@@ -1,0 +1,189 @@
+"""Nothing lost, nothing twice: each scenario breaks a real dependency mid-run and then checks that
+every document of every accepted job has exactly one result (Postgres rows and S3 objects).
+
+    make test                                         # CI size (part of the suite)
+    .venv/bin/python -m pytest tests/faults --fault-size full --fault-report faults.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from postroom.db.models import Result, Shard
+from tests.faults.conftest import FaultStack, Size
+from tests.faults.invariants import check
+from tests.waiting import wait_until
+
+REPORT: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    path = request.config.getoption("--fault-report")
+    if path:
+        Path(path).write_text(json.dumps(REPORT, indent=2))
+
+
+def _verify(stack: FaultStack, name: str, jobs: dict[uuid.UUID, set[str]], **extra: Any) -> None:
+    started = extra.pop("started")
+    for job_id in jobs:
+        stack.wait_completed(job_id)
+    verdict = check(
+        sessions=stack.sessions,
+        storage=stack.storage,
+        expected=jobs,
+        lease_seconds=stack.settings.lease_seconds,
+    )
+    REPORT[name] = {
+        **verdict.counts(),
+        **extra,
+        "redeliveries": sum(_redeliveries(stack, job_id) for job_id in jobs),
+        "restarts": stack.worker.restarts,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    assert verdict.clean, {k: v[:10] for k, v in verdict.__dict__.items() if isinstance(v, list)}
+
+
+def _redeliveries(stack: FaultStack, job_id: uuid.UUID) -> int:
+    with stack.sessions() as session:
+        attempts = session.scalars(select(Shard.attempt).where(Shard.job_id == job_id)).all()
+    return sum(max(a - 1, 0) for a in attempts)
+
+
+def test_worker_killed_mid_run(fault_stack: FaultStack, size: Size) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(size.docs, seed=1)
+    before = fault_stack.worker.restarts
+    for k in range(size.kills):
+        fault_stack.wait_progress(job_id, size.docs * (k + 1) // (size.kills + 2))
+        fault_stack.worker.kill9()
+        restarted = before + k + 1
+
+        def restarted_enough(target: int = restarted) -> bool:
+            return fault_stack.worker.restarts >= target
+
+        wait_until(restarted_enough, timeout=30, what="supervisor restarted the worker")
+        fault_stack.wait_worker_ready()
+    _verify(
+        fault_stack,
+        "kill -9 worker",
+        {job_id: ids},
+        started=started,
+        kills=size.kills,
+    )
+
+
+@pytest.mark.parametrize("how", ["restart empty", "flushall"])
+def test_redis_loses_everything_mid_run(fault_stack: FaultStack, size: Size, how: str) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(size.docs, seed=2 if how == "flushall" else 3)
+    fault_stack.wait_progress(job_id, size.docs // 4)
+    if how == "flushall":
+        fault_stack.redis.flushall()
+    else:
+        fault_stack.redis.restart_empty()
+    _verify(
+        fault_stack,
+        f"redis {how}",
+        {job_id: ids},
+        started=started,
+    )
+
+
+def test_postgres_restarted_mid_run(fault_stack: FaultStack, size: Size) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(size.docs, seed=4)
+    fault_stack.wait_progress(job_id, size.docs // 4)
+    fault_stack.postgres.restart()
+    _verify(
+        fault_stack,
+        "postgres restart",
+        {job_id: ids},
+        started=started,
+    )
+
+
+def test_s3_unreachable_mid_run(fault_stack: FaultStack, size: Size) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(size.docs, seed=5)
+    fault_stack.wait_progress(job_id, size.docs // 5)
+    fault_stack.proxy.block()
+    blocked_at = time.monotonic()
+    try:
+        wait_until(
+            lambda: time.monotonic() - blocked_at >= size.s3_outage,
+            timeout=120,
+            what="S3 outage elapsed",
+            interval=0.5,
+        )
+    finally:
+        fault_stack.proxy.unblock()
+    _verify(
+        fault_stack,
+        "S3 unreachable",
+        {job_id: ids},
+        started=started,
+        outage_s=size.s3_outage,
+    )
+
+
+def test_paused_worker_cannot_commit_over_a_newer_attempt(fault_stack: FaultStack) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(400, seed=6)
+
+    def running_shard() -> int | None:
+        with fault_stack.sessions() as session:
+            return session.scalars(
+                select(Shard.shard_no).where(Shard.job_id == job_id, Shard.state == "running")
+            ).first()
+
+    paused = wait_until(running_shard, timeout=120, what="a shard in flight")
+    fault_stack.worker.pause()
+    try:
+        # Past its lease: the reaper expires the shard and rings its doorbell again.
+        def expired() -> bool:
+            with fault_stack.sessions() as session:
+                state = session.scalar(
+                    select(Shard.state).where(Shard.job_id == job_id, Shard.shard_no == paused)
+                )
+            return state == "expired"
+
+        wait_until(expired, timeout=60, what="lease expired while the worker is paused")
+    finally:
+        fault_stack.worker.resume()
+    _verify(fault_stack, "SIGSTOP past lease", {job_id: ids}, started=started)
+    with fault_stack.sessions() as session:
+        attempts = set(
+            session.scalars(
+                select(Result.attempt).where(Result.job_id == job_id, Result.shard_no == paused)
+            )
+        )
+    # The paused attempt (1) lost the fence; only the newer attempt's results were committed.
+    assert attempts == {2}
+    log = fault_stack.worker.log.read_text(errors="replace")
+    assert "lease lost before commit" in log
+
+
+def test_poison_document_is_isolated(fault_stack: FaultStack) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(200, poison_at=123, seed=7)
+    _verify(
+        fault_stack,
+        "poison document",
+        {job_id: ids},
+        started=started,
+    )
+    failed = list(fault_stack.client.results(str(job_id), only_failed=True))
+    assert [r["id"] for r in failed] == ["f7-000123"]
+    assert failed[0]["error"].startswith("poison:")
+    job = fault_stack.client.job(str(job_id))
+    assert job["counts"] == {**job["counts"], "succeeded": 199, "failed": 1, "pending": 0}
