@@ -9,7 +9,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.auth import caller_from_request
+from api.auth import admin_from_request, caller_from_request
 from postroom.settings import Settings
 from postroom.storage import Storage
 from postroom.tenants import Caller
@@ -40,3 +40,4 @@ SessionDep = Annotated[Session, Depends(_session)]
 StorageDep = Annotated[Storage, Depends(_storage)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
 CallerDep = Annotated[Caller, Depends(caller_from_request)]
+AdminDep = Annotated[Caller, Depends(admin_from_request)]

@@ -52,6 +52,14 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     rate_docs_per_second: float | None
     eta_seconds: float | None
+    max_spill_cost: float | None = None
+    estimate: dict[str, Any] | None = Field(
+        default=None, description="tokens and cost per route, estimated before the job started"
+    )
+    spend: dict[str, Any] = Field(
+        default_factory=dict, description="docs, tokens and $ per route; total; $ per 1,000 docs"
+    )
+    router_note: str | None = None
     results_url: str
 
 

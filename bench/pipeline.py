@@ -17,20 +17,14 @@ import gc
 import json
 import os
 import random
-import secrets
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-LABELS = [
-    {"name": "billing", "description": "invoices, charges, payments and prices"},
-    {"name": "technical", "description": "errors, crashes, bugs, login and outages"},
-    {"name": "shipping", "description": "deliveries, packages, tracking and late orders"},
-    {"name": "account", "description": "passwords, profiles, sign-in and account settings"},
-]
+from stack import LABELS, ROOT, Stack, bench_settings
+
 MODES = {"generative": "tiny", "embedding": "minilm"}
 
 
@@ -43,19 +37,6 @@ def make_docs(count: int, *, seed: int = 1234) -> list[dict[str, str]]:
         {"id": f"b{i:07d}", "text": " ".join(rng.choices(WORDS, k=rng.randint(40, 400)))}
         for i in range(count)
     ]
-
-
-def bench_settings(**overrides: Any) -> Any:
-    from postroom.settings import ModelSpec, Settings
-    from worker.models import build_model
-
-    tiny = build_model(ROOT / ".cache" / "models" / "tiny")
-    base = Settings()
-    models = {
-        **base.models,
-        "tiny": ModelSpec(path=str(tiny), mode="generative", revision="tiny-seed0"),
-    }
-    return Settings(models=models, **overrides)
 
 
 def run_direct(settings: Any, alias: str, docs: list[dict[str, str]]) -> dict[str, Any]:
@@ -118,105 +99,6 @@ def run_direct(settings: Any, alias: str, docs: list[dict[str, str]]) -> dict[st
     }
 
 
-class Stack:
-    """moto S3, a fresh database, the API and one worker, started with the documented commands."""
-
-    def __init__(self, settings: Any, alias: str, logs: Path) -> None:
-        from postroom_cli.local import start_moto
-
-        self.moto, endpoint = start_moto()
-        name = f"postroom_bench_{secrets.token_hex(3)}"
-        self.settings = settings.model_copy(
-            update={
-                "database_url": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                "broker_url": "redis://127.0.0.1:6379/14",
-                "s3_endpoint_url": endpoint,
-                "s3_access_key_id": "bench",
-                "worker_models": [alias],
-                "model": alias,
-            }
-        )
-        self.alias = alias
-        self.logs = logs
-        self.procs: list[Any] = []
-
-    def __enter__(self) -> Stack:
-        import redis
-        from pydantic import SecretStr
-
-        from postroom.db.migrate import migrate
-        from postroom.storage import Storage
-        from postroom.tenants import create_key
-        from postroom_cli.local import (
-            free_port,
-            http_ok,
-            postroom_command,
-            settings_env,
-            spawn,
-            wait_until,
-        )
-
-        self.settings = self.settings.model_copy(
-            update={"s3_secret_access_key": SecretStr("bench")}
-        )
-        redis.Redis.from_url(self.settings.broker_url).flushdb()
-        migrate(self.settings.database_url)
-        Storage(self.settings).ensure_bucket()
-        env = settings_env(self.settings)
-        port = free_port()
-        self.api_url = f"http://127.0.0.1:{port}"
-        api = spawn(
-            postroom_command("api", "--port", str(port)), env=env, log=self.logs / "api.log"
-        )
-        self.procs.append(api)
-        worker = spawn(postroom_command("worker"), env=env, log=self.logs / "worker.log")
-        self.procs.append(worker)
-        wait_until(lambda: http_ok(f"{self.api_url}/readyz"), timeout=60, what="API", alive=api)
-        from sqlalchemy import select
-
-        from postroom.db.models import Worker
-        from postroom.db.session import make_engine, make_sessionmaker
-
-        self.engine = make_engine(self.settings)
-        self.sessions = make_sessionmaker(self.engine)
-
-        def ready() -> bool:
-            with self.sessions() as session:
-                return any(s.get("engines") for s in session.scalars(select(Worker.stats)))
-
-        wait_until(ready, timeout=300, what="worker engine", alive=worker)
-        with self.sessions.begin() as session:
-            self.key = create_key(session=session, tenant="bench")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import psycopg
-
-        from postroom_cli.local import stop
-
-        for proc in reversed(self.procs):
-            stop(proc)
-        self.engine.dispose()
-        self.moto.stop()
-        name = self.settings.database_url.rsplit("/", 1)[1]
-        with psycopg.connect("postgresql://postgres@127.0.0.1/postgres", autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def run_job(self, path: Path, docs: int) -> dict[str, Any]:
-        from postroom_cli.client import Client
-
-        client = Client(self.api_url, self.key)
-        t0 = time.monotonic()
-        job = client.upload(path, {"labels": json.dumps(LABELS), "model": self.alias})
-        accepted = time.monotonic() - t0
-        while job["status"] not in ("completed", "failed", "cancelled"):
-            time.sleep(0.1)
-            job = client.job(job["id"])
-        seconds = time.monotonic() - t0
-        assert job["counts"]["succeeded"] == docs, job["counts"]
-        return {"seconds": seconds, "docs_per_s": docs / seconds, "upload_s": accepted}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=10_000)
@@ -236,9 +118,12 @@ def main() -> None:
     for mode in args.modes.split(","):
         alias = MODES[mode]
         direct = [run_direct(settings, alias, docs) for _ in range(args.repeats)]
-        with Stack(settings, alias, logs) as stack:
-            stack.run_job(warm, len(docs[:500]))  # warm-up: first requests pay one-off costs
-            pipeline = [stack.run_job(path, len(docs)) for _ in range(args.repeats)]
+        stack_settings = settings.model_copy(update={"model": alias, "worker_models": [alias]})
+        with Stack(stack_settings, logs) as stack:
+            stack.run_job(warm, len(docs[:500]), model=alias)  # warm-up: one-off costs
+            pipeline = [stack.run_job(path, len(docs), model=alias) for _ in range(args.repeats)]
+        for run in pipeline:
+            run.pop("job")
         direct_rate = statistics.median(r["docs_per_s"] for r in direct)
         pipeline_rate = statistics.median(r["docs_per_s"] for r in pipeline)
         tokens = direct[0]["prompt_tokens"]

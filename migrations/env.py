@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 import postroom.db.batch_models  # noqa: F401
+from postroom.db import inbox_models  # noqa: F401
 from postroom.db.models import Base
 from postroom.settings import get_settings
 

@@ -792,6 +792,7 @@ def _start_job(
         writer=writer,
         idempotency_key=None,
         body_hash=None,
+        settings=settings,
     )
     if errors.count:
         _upload(storage, invalid_lines_key(batch.id), errors.spool)

@@ -43,11 +43,31 @@ class UnknownModel(InvalidInput):
     code = "unknown_model"
 
 
+class InputUriNotAllowed(InvalidInput):
+    """`input_uri` names a bucket (or a Postroom-owned key) the deployment does not allow."""
+
+    code = "input_uri_not_allowed"
+
+
 class PayloadTooLarge(PostroomError):
     """The request body or a single document is over its limit."""
 
     code = "payload_too_large"
     http_status = 413
+
+
+class UnsupportedMediaType(PostroomError):
+    """The body is in an encoding Postroom does not read (e.g. Content-Encoding: br)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class RequestTimeout(PostroomError):
+    """The client sent the request body too slowly (idle between chunks, or past the deadline)."""
+
+    code = "request_timeout"
+    http_status = 408
 
 
 class Unauthorized(PostroomError):

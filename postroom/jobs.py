@@ -32,7 +32,7 @@ from postroom.domain import (
 )
 from postroom.errors import InvalidLabels, NotFound, UnknownModel
 from postroom.intake import Rejected
-from postroom.queue import publish_shard
+from postroom.queue import QUEUE_SPILL, publish_shard
 from postroom.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,18 @@ def validate_labels(raw: Sequence[str | Label], *, settings: Settings) -> list[L
 
 
 def served_models(*, session: Session, settings: Settings) -> list[str]:
-    """Registry aliases that some worker registered within `worker_registration_ttl` seconds."""
+    """Registry aliases that some worker registered within `worker_registration_ttl` seconds.
+
+    A spill worker serves every alias (through the managed API), so with one registered and a
+    spill endpoint configured no job is refused for want of a GPU worker.
+    """
     since = datetime.now(UTC) - timedelta(seconds=settings.worker_registration_ttl)
-    rows = session.scalars(select(Worker.models).where(Worker.heartbeat_at >= since)).all()
-    served = {alias for models in rows for alias in models}
+    rows = session.execute(
+        select(Worker.route, Worker.models).where(Worker.heartbeat_at >= since)
+    ).all()
+    served = {alias for _, models in rows for alias in models}
+    if settings.spill_base_url and any(route == "spill" for route, _ in rows):
+        served |= set(settings.models)
     return sorted(alias for alias in served if alias in settings.models)
 
 
@@ -162,6 +170,8 @@ class NewJob:
     rejected: Sequence[Rejected]
     queue: str
     warnings: Sequence[str] = ()
+    max_spill_cost: float | None = None
+    estimate: dict[str, Any] | None = None
 
 
 def create_job(*, session: Session, new: NewJob) -> Job:
@@ -179,6 +189,8 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         warnings=list(new.warnings),
         idempotency_key=new.idempotency_key,
         body_hash=new.body_hash,
+        max_spill_cost=new.max_spill_cost,
+        estimate=new.estimate,
         total_docs=total,
         rejected_docs=len(new.rejected),
         shard_count=len(new.shard_sizes),
@@ -257,7 +269,13 @@ def publish_job(*, session: Session, celery: Celery, job_id: uuid.UUID) -> int:
 
 
 def claim_shard(
-    *, session: Session, job_id: uuid.UUID, shard_no: int, worker: str, lease_seconds: int
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    shard_no: int,
+    worker: str,
+    lease_seconds: int,
+    route: str = "gpu",
 ) -> tuple[int, int] | None:
     """Take a shard for work; returns (attempt, crashes) or None.
 
@@ -276,6 +294,9 @@ def claim_shard(
                 Shard.state.in_(SHARD_CLAIMABLE),
                 and_(Shard.state == ShardState.running, Shard.lease_until < func.now()),
             ),
+            # The router moves shards between routes; a stale message on the other route is a
+            # no-op, so a shard is never worked by both.
+            (Shard.queue == QUEUE_SPILL) if route == "spill" else (Shard.queue != QUEUE_SPILL),
         )
         .values(
             state=ShardState.running,
@@ -339,6 +360,8 @@ def finish_shard(
     succeeded: int,
     failed: int,
     route: str,
+    tokens_in: int = 0,
+    tokens_out: int = 0,
 ) -> bool:
     """Mark a shard done if this attempt still holds it (fencing); complete the job when last.
 
@@ -358,6 +381,8 @@ def finish_shard(
             succeeded=succeeded,
             failed=failed,
             route=route,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
             lease_until=None,
             finished_at=func.now(),
         )
@@ -373,10 +398,12 @@ def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
     """Set the job `completed` when no shard is left unfinished.
 
     The job row is locked first so two workers finishing the last two shards at once cannot both
-    miss each other's commit.
+    miss each other's commit. FOR NO KEY UPDATE, not FOR UPDATE: the result rows this transaction
+    just inserted hold FOR KEY SHARE on the job through their foreign key, and so do other
+    shards' transactions; FOR UPDATE would conflict with those and deadlock two finishing shards.
     """
     status = session.execute(
-        select(Job.status).where(Job.id == job_id).with_for_update()
+        select(Job.status).where(Job.id == job_id).with_for_update(key_share=True)
     ).scalar_one()
     if status not in JOB_ACTIVE:
         return False
@@ -572,3 +599,21 @@ def unwritten_result_shards(
         .limit(limit)
     ).all()
     return [(job_id, shard_no) for job_id, shard_no in rows]
+
+
+def spend_by_route(*, session: Session, job_id: uuid.UUID) -> dict[str, dict[str, int]]:
+    rows = session.execute(
+        select(
+            Shard.route,
+            func.sum(Shard.succeeded + Shard.failed),
+            func.sum(Shard.tokens_in),
+            func.sum(Shard.tokens_out),
+        )
+        .where(Shard.job_id == job_id, Shard.state == ShardState.done)
+        .group_by(Shard.route)
+    ).all()
+    return {
+        str(route): {"docs": int(d or 0), "tokens_in": int(i or 0), "tokens_out": int(o or 0)}
+        for route, d, i, o in rows
+        if route
+    }

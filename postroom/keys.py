@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from uuid import UUID
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 API_KEY_PREFIX = "pr"
 
@@ -43,3 +43,52 @@ def new_api_key() -> tuple[str, str, str]:
 
 def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+# -- S3 drop folder: <prefix>/inbox/<name>/<file> → outbox/, done/, failed/ next to it
+
+
+def drop_root(prefix: str) -> str:
+    """`<prefix>/` of the drop folder (POSTROOM_INBOX_PREFIX), or "" for the bucket root."""
+    cleaned = prefix.strip("/")
+    return f"{cleaned}/" if cleaned else ""
+
+
+def drop_area(prefix: str, area: str) -> str:
+    """The key prefix of one drop-folder area: `inbox/`, `outbox/`, `done/` or `failed/`."""
+    return f"{drop_root(prefix)}{area}/"
+
+
+def drop_key(prefix: str, area: str, name: str, file: str) -> str:
+    """`<prefix>/<area>/<name>/<file>`; a file dropped outside any folder has no `<name>/`."""
+    return f"{drop_area(prefix, area)}{name + '/' if name else ''}{file}"
+
+
+def inbox_job_file_key(prefix: str, name: str) -> str:
+    return drop_key(prefix, "inbox", name, "job.json")
+
+
+def outbox_results_key(prefix: str, name: str, file: str) -> str:
+    return drop_key(prefix, "outbox", name, f"{file}.results.jsonl")
+
+
+def outbox_errors_key(prefix: str, name: str, file: str) -> str:
+    return drop_key(prefix, "outbox", name, f"{file}.errors.jsonl")
+
+
+def done_key(prefix: str, name: str, file: str) -> str:
+    return drop_key(prefix, "done", name, file)
+
+
+def failed_key(prefix: str, name: str, file: str) -> str:
+    return drop_key(prefix, "failed", name, file)
+
+
+def failed_reason_key(prefix: str, name: str, file: str) -> str:
+    return drop_key(prefix, "failed", name, f"{file}.reason.txt")
+
+
+def inbox_object_id(bucket: str, key: str, etag: str) -> UUID:
+    """The id of one object version in the inbox, which is also the id of its job: the same
+    (bucket, key, ETag) always gives the same id, so a retried ingest cannot make a second job."""
+    return uuid5(NAMESPACE_URL, f"s3://{bucket}/{key}#etag={etag}")

@@ -65,6 +65,20 @@ def first_token_collisions(tokenizer: Tokenizer, names: Sequence[str]) -> list[t
     return [tuple(group) for group in groups.values() if len(group) > 1]
 
 
+def instructions_text(
+    labels: Sequence[Label], instructions: str, markers: Sequence[str] | None = None
+) -> str:
+    """The shared part of every prompt of a job: instructions, then the labels. The GPU route puts
+    the document after it; the spill route sends it as the system message."""
+    lines = []
+    for index, label in enumerate(labels):
+        head = f"{markers[index]}) {label.name}" if markers else f"- {label.name}"
+        lines.append(f"{head}: {label.description}" if label.description else head)
+    answer_hint = "the letter or number of the label" if markers else "the label"
+    text = f"{instructions.strip()}\n\nLabels:\n" + "\n".join(lines)
+    return text + f"\n\nAnswer with {answer_hint} only."
+
+
 def build_layout(
     tokenizer: Tokenizer,
     *,
@@ -90,13 +104,7 @@ def build_layout(
                 "the labels' first tokens collide and no set of option markers is distinct under "
                 "this tokenizer; use decoding='choice'"
             )
-    lines = []
-    for index, label in enumerate(labels):
-        head = f"{markers[index]}) {label.name}" if markers else f"- {label.name}"
-        lines.append(f"{head}: {label.description}" if label.description else head)
-    answer_hint = "the letter or number of the label" if markers else "the label"
-    prefix = f"{instructions.strip()}\n\nLabels:\n" + "\n".join(lines)
-    prefix += f"\n\nAnswer with {answer_hint} only." + DOC_HEADER
+    prefix = instructions_text(labels, instructions, markers) + DOC_HEADER
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=True)
     suffix_ids = tokenizer.encode(CUE, add_special_tokens=False)
     budget = min(doc_max_tokens, max_model_len - len(prefix_ids) - len(suffix_ids) - 1)

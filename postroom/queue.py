@@ -10,6 +10,7 @@ from postroom.settings import Settings
 
 TASK_CLASSIFY_SHARD = "postroom.classify_shard"
 TASK_REAP = "postroom.reap"
+TASK_ROUTE = "postroom.route"
 QUEUE_SPILL = "spill"
 QUEUE_CONTROL = "control"
 GPU_QUEUE_PREFIX = "gpu"
@@ -30,7 +31,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=gpu_queue(settings.model),
         task_serializer="json",
         accept_content=["json"],
-        task_send_sent_event=True,
+        task_send_sent_event=False,  # its plain name would hide the job/shard one in Flower
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
@@ -41,6 +42,11 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": settings.broker_visibility_timeout,
             "socket_timeout": 10,
             "socket_connect_timeout": 10,
+            **(
+                {"global_keyprefix": settings.broker_key_prefix}
+                if settings.broker_key_prefix
+                else {}
+            ),
         },
         # Publishing must never hang an API request: a few quick retries, then the shard stays
         # queued in Postgres and is republished later.
@@ -49,9 +55,9 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def queue_depth(client: Any, queue: str) -> int:
+def queue_depth(client: Any, queue: str, *, prefix: str = "") -> int:
     """Messages waiting in a Redis-backed Celery queue (kombu keeps one list per priority step)."""
-    keys = [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]
+    keys = [prefix + queue, *(f"{prefix}{queue}\x06\x16{p}" for p in (3, 6, 9))]
     return sum(int(client.llen(key)) for key in keys)
 
 

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     database_statement_timeout_ms: PositiveInt = 30_000
     broker_url: str = "redis://127.0.0.1:6379/0"
     broker_visibility_timeout: PositiveInt = 3600
+    # Prefix of every Redis key Celery uses, so deployments (or test runs) can share one Redis.
+    broker_key_prefix: str = ""
     s3_endpoint_url: str = ""
     s3_bucket: str = "postroom"
     s3_region: str = "us-east-1"
@@ -88,6 +90,21 @@ class Settings(BaseSettings):
     max_id_length: PositiveInt = 256
     max_error_details: PositiveInt = 20
     max_results_page: PositiveInt = 100
+    # A request body (inline jobs, batches) over this is refused with 413 (uploads: below).
+    max_request_bytes: PositiveInt = 100_000_000
+    # One upload (/v1/jobs/upload, /v1/files, input_uri), counted after gzip decompression.
+    max_upload_bytes: PositiveInt = 8 * 1024**3
+    # A gzip upload that expands more than this (past the first MiB) is refused as a bomb.
+    max_gzip_ratio: PositiveInt = 100
+    # How deep `metadata` (of a document or a job) may nest objects and lists.
+    max_metadata_depth: PositiveInt = 10
+    # Reading a request body: the longest wait for the next chunk, and for the whole body.
+    request_idle_timeout_seconds: PositiveFloat = 30.0
+    request_deadline_seconds: PositiveFloat = 3600.0
+    # Buckets `input_uri` may name (comma-separated); empty = POSTROOM_S3_BUCKET only.
+    input_uri_buckets: str = ""
+    # When set, the API's GET /metrics requires `Authorization: Bearer <token>`.
+    metrics_token: SecretStr = SecretStr("")
 
     # -- models
     model: str = "minilm"
@@ -99,10 +116,15 @@ class Settings(BaseSettings):
     engine_gpu_memory_utilization: float = Field(default=0.90, gt=0, le=1)
     engine_kv_cache_bytes: PositiveInt = 512 * 1024 * 1024
     engine_max_model_len: PositiveInt = 1024
-    engine_max_num_seqs: PositiveInt = 128
-    engine_max_num_batched_tokens: int = Field(default=0, ge=0, description="0 = vLLM default")
-    engine_inflight_factor: PositiveFloat = 2.0
-    engine_enforce_eager: bool = True
+    # 0 / "auto" pick the measured default for the device (bench/gpu/RESULTS.md on an H100:
+    # CUDA graphs, 512 sequences and 32,768 tokens per step ran 3.5x the vLLM fallbacks there;
+    # on CPU, eager mode and vLLM's own step size, VLLM-CPU.md).
+    engine_max_num_seqs: int = Field(default=0, ge=0, description="0 = auto: 512 GPU, 128 CPU")
+    engine_max_num_batched_tokens: int = Field(
+        default=0, ge=0, description="0 = auto: 32768 GPU, vLLM's default on CPU"
+    )
+    engine_inflight_factor: float = Field(default=0, ge=0, description="0 = auto: 4 GPU, 2 CPU")
+    engine_enforce_eager: Literal["auto", "true", "false"] = "auto"
     engine_prefix_caching: bool = True
     engine_dtype: str = "auto"
     engine_cpu_threads_bind: str = "0-1"
@@ -115,6 +137,8 @@ class Settings(BaseSettings):
     worker_concurrency: PositiveInt = 8
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_heartbeat_seconds: PositiveFloat = 5.0
+    # Benchmarks only: label by a hash instead of a model, to measure the pipeline's ceiling.
+    worker_null_classifier: bool = False
     lease_seconds: PositiveInt = 120
     max_attempts: PositiveInt = 3
     # A shard that crashed workers max_attempts times is split into up to split_fanout parts (each
@@ -137,10 +161,48 @@ class Settings(BaseSettings):
     spill_base_url: str = ""
     spill_api_key: SecretStr = SecretStr("")
     spill_model: str = ""
+    spill_concurrency: PositiveInt = 32
+    spill_call_deadline_seconds: PositiveFloat = 30.0
+    spill_max_tries: PositiveInt = 6
+    spill_backoff_max_seconds: PositiveFloat = 20.0
+    spill_breaker_failures: PositiveInt = 10
+    spill_breaker_reset_seconds: PositiveFloat = 15.0
+    spill_max_tokens: PositiveInt = 32
     gpu_dead_after: PositiveInt = 60
+
+    # -- router (`postroom beat`): when to spill
+    router_interval_seconds: PositiveFloat = 3.0
+    router_drain_window_seconds: PositiveFloat = 60.0
+
+    # -- cost
+    spill_price_input_per_mtok: float = Field(default=0.15, ge=0)
+    spill_price_output_per_mtok: float = Field(default=0.60, ge=0)
+    gpu_price_per_hour: float = Field(default=2.50, ge=0)
+    # Prompt tokens/s one GPU worker sustains (measured, see bench/); turns GPU time into $.
+    gpu_tokens_per_second: PositiveFloat = 186_000.0
 
     # -- drop folder
     inbox_prefix: str = ""
+    inbox_enabled: bool = True
+    inbox_bucket: str = Field(default="", description="empty = POSTROOM_S3_BUCKET")
+    inbox_tenant: str = Field(default="inbox", min_length=1, max_length=200)
+    inbox_interval_seconds: PositiveFloat = 10.0
+    inbox_max_objects_per_tick: PositiveInt = 1000
+    # Objects younger than this are left for a later tick (listings may lag a fresh upload).
+    inbox_settle_seconds: float = Field(default=5.0, ge=0)
+    # An ingest or finalize claim older than this is taken over by a later tick (its owner died).
+    inbox_lease_seconds: PositiveInt = 600
+    # A .jsonl.gz is refused past this many bytes decompressed, or past this ratio of output to
+    # input once over 64 MiB out (a gzip bomb).
+    inbox_max_decompressed_bytes: PositiveInt = 8 * 1024**3
+    inbox_max_gzip_ratio: PositiveInt = 100
+
+    # -- metrics (Prometheus): workers and `postroom beat` serve /metrics on their own port
+    #    (0 = off), bound to metrics_bind (loopback, so it is not open by default); the API serves
+    #    /metrics on its own port
+    metrics_bind: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    beat_metrics_port: int = Field(default=9102, ge=0, le=65535)
 
     @model_validator(mode="before")
     @classmethod
@@ -166,6 +228,11 @@ class Settings(BaseSettings):
         if self.min_labels < 2:
             raise ValueError("POSTROOM_MIN_LABELS must be at least 2")
         return self
+
+    def input_buckets(self) -> list[str]:
+        """Buckets `input_uri` may read from (POSTROOM_INPUT_URI_BUCKETS, else the deployment's)."""
+        buckets: list[str] = _split_csv(self.input_uri_buckets)
+        return buckets or [self.s3_bucket]
 
     def served_models(self) -> list[str]:
         """Aliases a worker started with these settings serves (default: the default model)."""

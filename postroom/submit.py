@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from postroom.costs import estimate
 from postroom.db.models import Job
 from postroom.domain import (
     DEFAULT_INSTRUCTIONS,
@@ -32,8 +33,8 @@ from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput
 from postroom.intake import Intake
 from postroom.jobs import NewJob, choose_model, create_job, validate_labels
 from postroom.keys import input_shard_key, rejected_lines_key
-from postroom.prompts import first_token_collisions
-from postroom.queue import gpu_queue
+from postroom.prompts import first_token_collisions, instructions_text
+from postroom.queue import QUEUE_SPILL, gpu_queue
 from postroom.settings import Settings
 from postroom.storage import Storage, encode_jsonl
 
@@ -56,6 +57,9 @@ class JobOptions(BaseModel):
     )
     metadata: dict[str, Any] | None = None
     on_invalid: OnInvalid = "reject"
+    max_spill_cost: float | None = Field(
+        default=None, ge=0, description="the most this job may spend on the managed API, in $"
+    )
 
     @field_validator("deadline")
     @classmethod
@@ -187,6 +191,7 @@ def finish_submission(
     writer: ShardWriter,
     idempotency_key: str | None,
     body_hash: str | None,
+    settings: Settings,
 ) -> tuple[Job, bool]:
     """Insert the job (caller commits). Returns (job, created); an idempotent repeat returns the
     existing job and discards what this request wrote."""
@@ -200,8 +205,13 @@ def finish_submission(
             rejected_lines_key(job_id),
             ({**r.detail(), "result_id": r.result_id} for r in intake.rejected),
         )
+    prompt_chars = len(instructions_text(spec.labels, spec.instructions))
     new = NewJob(
         job_id=job_id,
+        max_spill_cost=options.max_spill_cost,
+        estimate=estimate(
+            settings, docs=intake.accepted, chars=intake.chars, prompt_chars=prompt_chars
+        ),
         tenant_id=tenant_id,
         spec=spec,
         spill=options.spill,
@@ -211,7 +221,8 @@ def finish_submission(
         body_hash=body_hash,
         shard_sizes=intake.shard_sizes,
         rejected=intake.rejected,
-        queue=gpu_queue(spec.model),
+        # `always` jobs go straight to the managed API; the router moves others when it must.
+        queue=QUEUE_SPILL if options.spill == "always" else gpu_queue(spec.model),
         warnings=warnings,
     )
     try:

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -46,6 +46,58 @@ def revoke_key(*, session: Session, prefix: str) -> int:
         .values(revoked_at=datetime.now(UTC))
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What an operator may see of a key: never the key, never its hash."""
+
+    id: uuid.UUID
+    prefix: str
+    tenant_id: uuid.UUID
+    tenant: str
+    is_admin: bool
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+def list_keys(
+    *,
+    session: Session,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
+    limit: int = 100,
+) -> list[KeyInfo]:
+    """Keys of every tenant (or one), newest first; `before` is the (created_at, id) of the last
+    key of the previous page."""
+    query = select(
+        ApiKey.id,
+        ApiKey.prefix,
+        ApiKey.tenant_id,
+        Tenant.name,
+        ApiKey.is_admin,
+        ApiKey.created_at,
+        ApiKey.last_used_at,
+        ApiKey.revoked_at,
+    ).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant is not None:
+        query = query.where(Tenant.name == tenant)
+    if prefix is not None:
+        query = query.where(ApiKey.prefix == prefix)
+    if before is not None:
+        created, key_id = before
+        query = query.where(
+            or_(
+                ApiKey.created_at < created,
+                and_(ApiKey.created_at == created, ApiKey.id < key_id),
+            )
+        )
+    rows = session.execute(
+        query.order_by(ApiKey.created_at.desc(), ApiKey.id.desc()).limit(limit)
+    ).all()
+    return [KeyInfo(*row) for row in rows]
 
 
 def authenticate(*, session: Session, key: str) -> Caller:

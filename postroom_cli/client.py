@@ -63,6 +63,11 @@ class Client:
         result: dict[str, Any] = self._check(self.http.get("/v1/jobs", params={"limit": limit}))
         return result
 
+    def status(self) -> dict[str, Any]:
+        """GET /v1/status: the caller's jobs and the deployment's queues, workers and spill."""
+        result: dict[str, Any] = self._check(self.http.get("/v1/status"))
+        return result
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._check(self.http.post(f"/v1/jobs/{job_id}/cancel"))
         return result

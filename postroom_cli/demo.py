@@ -33,6 +33,7 @@ from postroom_cli.local import (
     wait_until,
 )
 from postroom_cli.main import print_summary
+from postroom_cli.standin import StandinServer
 
 console = Console(stderr=True)
 
@@ -70,7 +71,9 @@ def pick_model(settings: Settings, *, model: str | None, mode: str | None) -> st
     return settings.model
 
 
-def run_demo(settings: Settings, *, file: Path, model: str | None, mode: str | None) -> int:
+def run_demo(
+    settings: Settings, *, file: Path, model: str | None, mode: str | None, gpu_workers: int = 1
+) -> int:
     problems = check_services(settings)
     if problems:
         for line in problems:
@@ -78,6 +81,12 @@ def run_demo(settings: Settings, *, file: Path, model: str | None, mode: str | N
         return 2
     alias = pick_model(settings, model=model, mode=mode)
     env: dict[str, str] = {}
+    standin = None
+    if gpu_workers == 0 and not settings.spill_base_url:
+        standin = StandinServer(free_port()).start()
+        env["POSTROOM_SPILL_BASE_URL"] = standin.url
+        settings = settings.model_copy(update={"spill_base_url": standin.url})
+        console.print(f"[green]✓[/] managed API: stand-in on {standin.url} (no GPU workers)")
     moto = None
     if not settings.s3_endpoint_url:
         moto, endpoint = start_moto()
@@ -110,19 +119,26 @@ def run_demo(settings: Settings, *, file: Path, model: str | None, mode: str | N
         with children() as procs:
             api = spawn(postroom_command("api", "--port", str(port)), env=env, log=logs / "api.log")
             procs.append(api)
-            worker = spawn(
-                postroom_command("worker", "--models", alias), env=env, log=logs / "worker.log"
-            )
+            if gpu_workers:
+                command = postroom_command("worker", "--models", alias)
+            else:
+                command = postroom_command("worker", "--route", "spill")
+            worker = spawn(command, env=env, log=logs / "worker.log")
             procs.append(worker)
-            console.print(f"… starting API on {api_url} and a worker for {alias!r} (logs: {logs})")
+            for _ in range(1, gpu_workers):
+                procs.append(spawn(command, env=env, log=logs / "worker.log"))
+            kind = f"{gpu_workers} GPU worker(s) for {alias!r}" if gpu_workers else "a spill worker"
+            console.print(f"… starting the API on {api_url} and {kind} (logs: {logs})")
             wait_until(
                 lambda: http_ok(f"{api_url}/readyz"), timeout=60, what="API ready", alive=api
             )
 
             def worker_ready() -> bool:
                 with sessions() as session:
-                    rows = session.scalars(select(Worker.stats)).all()
-                return any(alias in (row.get("engines") or {}) for row in rows)
+                    rows = session.execute(select(Worker.route, Worker.stats)).all()
+                if not gpu_workers:
+                    return any(route == "spill" for route, _ in rows)
+                return any(alias in (stats.get("engines") or {}) for _, stats in rows)
 
             wait_until(worker_ready, timeout=600, what="worker engine started", alive=worker)
             console.print("[green]✓[/] API and worker are up")
@@ -131,7 +147,13 @@ def run_demo(settings: Settings, *, file: Path, model: str | None, mode: str | N
             client = Client(api_url, key)
             console.print(f"classifying {file.name} with {alias!r} ({settings.models[alias].mode})")
             report, job, elapsed = run_eval(
-                client, file, labels=None, model=alias, mode=None, console=console
+                client,
+                file,
+                labels=None,
+                model=alias,
+                mode=None,
+                console=console,
+                spill=None if gpu_workers else "always",
             )
             print_summary(client, job)
             total = job["counts"]["total"]
@@ -149,4 +171,6 @@ def run_demo(settings: Settings, *, file: Path, model: str | None, mode: str | N
         engine.dispose()
         if moto is not None:
             moto.stop()
+        if standin is not None:
+            standin.stop()
     return 0

@@ -45,6 +45,7 @@ def run_eval(
     mode: str | None,
     console: Console,
     timeout: float = 3600.0,
+    spill: str | None = None,
 ) -> tuple[Report, dict[str, Any], float]:
     """Upload the documents without their `label` field, wait, and score the results."""
     from postroom_cli.main import wait_for_job
@@ -63,7 +64,8 @@ def run_eval(
             truth[doc_id] = row.pop("label")
             tmp.write(json.dumps(row, ensure_ascii=False) + "\n")
     started = time.monotonic()
-    job = client.upload(Path(tmp.name), {"labels": param, "model": model, "mode": mode})
+    params = {"labels": param, "model": model, "mode": mode, "spill": spill}
+    job = client.upload(Path(tmp.name), params)
     Path(tmp.name).unlink()
     job = wait_for_job(client, job["id"], timeout=timeout)
     elapsed = time.monotonic() - started

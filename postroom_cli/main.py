@@ -69,11 +69,17 @@ def worker(
     concurrency: Annotated[
         int | None, typer.Option(help="shards in flight [POSTROOM_WORKER_CONCURRENCY]")
     ] = None,
+    route: Annotated[
+        str, typer.Option(help="gpu (vLLM engines) or spill (the managed API)")
+    ] = "gpu",
     loglevel: str = "INFO",
 ) -> None:
-    """Run a GPU worker: one long-lived vLLM engine per served model, many shards in flight."""
+    """Run a worker: `gpu` hosts one long-lived vLLM engine per served model with many shards in
+    flight; `spill` classifies through the managed OpenAI-compatible API (POSTROOM_SPILL_*)."""
     from worker.main import run_worker
 
+    if route not in ("gpu", "spill"):
+        raise typer.BadParameter("--route is gpu or spill")
     settings = get_settings()
     served = (
         [m.strip() for m in models.split(",") if m.strip()] if models else settings.served_models()
@@ -88,6 +94,7 @@ def worker(
         models=served,
         queues=[q.strip() for q in queues.split(",")] if queues else None,
         concurrency=concurrency or settings.worker_concurrency,
+        route=route,
         loglevel=loglevel,
     )
 
@@ -264,27 +271,49 @@ def print_summary(client: Client, job: dict[str, Any]) -> collections.Counter[st
         f"total {counts['total']:,} · succeeded {counts['succeeded']:,} · "
         f"failed {counts['failed']:,} · rate {job.get('rate_docs_per_second') or 0:,.1f} docs/s"
     )
+    spend = job.get("spend") or {}
+    routes = [
+        f"{r}: {v['docs']:,} docs ${v['cost']:.4f}"
+        for r, v in spend.items()
+        if r in ("gpu", "spill")
+    ]
+    if routes:
+        console.print(
+            f"routes {' · '.join(routes)} · ${spend.get('per_1000_docs') or 0:.4f} per 1,000 docs"
+        )
     return labels
 
 
 @app.command()
 def status(
-    job_id: Annotated[str | None, typer.Argument()] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    job_id: Annotated[str | None, typer.Argument(help="show this job only")] = None,
+    once: Annotated[bool, typer.Option(help="print one snapshot and exit")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print JSON (one snapshot; implies --once)")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
     api_url: ApiUrl = None,
     key: ApiKey = None,
 ) -> None:
-    """Show one job, or the latest jobs."""
+    """Live view of queues, workers, your jobs (progress, ETA) and spill; or one job."""
+    from postroom_cli.status_view import render, run_live
+
     client = _client(api_url, key)
     try:
-        data = client.job(job_id) if job_id else client.jobs()
+        if job_id is None and not (once or as_json):
+            run_live(client, console, interval=interval)
+            return
+        data = client.job(job_id) if job_id else client.status()
     except ApiError as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(1) from e
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    jobs = [data] if job_id else data["data"]
+    if job_id is None:
+        console.print(render(data))
+        return
+    jobs = [data]
     table = Table()
     for column in ("id", "status", "model", "total", "succeeded", "failed", "docs/s", "created"):
         table.add_column(column)
@@ -374,9 +403,52 @@ def demo(
     ] = None,
     model: Annotated[str | None, typer.Option(help="model alias [POSTROOM_MODEL]")] = None,
     mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    gpu_workers: Annotated[
+        int, typer.Option(help="GPU workers to start; 0 sends the job to the managed API")
+    ] = 1,
 ) -> None:
     """Start what is missing (S3, API, worker), classify the sample, print labels and accuracy."""
     from postroom_cli.demo import run_demo
     from postroom_cli.evaluate import SAMPLE
 
-    raise typer.Exit(run_demo(get_settings(), file=file or SAMPLE, model=model, mode=mode))
+    raise typer.Exit(
+        run_demo(
+            get_settings(), file=file or SAMPLE, model=model, mode=mode, gpu_workers=gpu_workers
+        )
+    )
+
+
+inbox_app = typer.Typer(
+    help="The S3 drop folder (POSTROOM_INBOX_PREFIX/inbox/).", no_args_is_help=True
+)
+app.add_typer(inbox_app, name="inbox")
+
+
+@inbox_app.command("status")
+def inbox_status(
+    state: Annotated[
+        str | None, typer.Option(help="only seen, ingested, running, done or failed")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="objects to list, newest first")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What the drop folder has seen, ingested, is running, finished or failed (and why), read
+    from Postgres."""
+    from postroom.db.session import make_engine, make_sessionmaker
+    from postroom.inbox import inbox_report
+
+    engine = make_engine(get_settings())
+    with make_sessionmaker(engine)() as session:
+        report = inbox_report(session=session, state=state, limit=limit)
+    engine.dispose()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(" · ".join(f"{name} {count}" for name, count in report["counts"].items()))
+    table = Table()
+    for column in ("key", "state", "job", "seen", "reason"):
+        table.add_column(column, overflow="fold")
+    for obj in report["objects"]:
+        job = f"{obj['job_id']} ({obj['job_status']})" if obj["job_id"] else ""
+        table.add_row(obj["key"], obj["state"], job, obj["seen_at"][:19], obj["reason"] or "")
+    console.print(table)

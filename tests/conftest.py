@@ -17,7 +17,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.migrate import migrate
@@ -36,6 +35,7 @@ from postroom_cli.local import (
     start_moto,
     stop,
 )
+from postroom_cli.standin import StandinServer
 from tests.waiting import wait_until
 from worker.models import build_model
 
@@ -87,14 +87,31 @@ def database_url() -> Iterator[str]:
 def broker_url() -> str:
     if not reachable("127.0.0.1", 6379):
         pytest.fail(f"Redis is not running on 127.0.0.1:6379; start it: {REDIS_START}")
-    url = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+
+
+@pytest.fixture(scope="session")
+def broker_key_prefix() -> str:
+    """Every key this run's Celery uses carries it, so concurrent runs never share a queue."""
+    return f"postroom-test-{secrets.token_hex(4)}:"
+
+
+@pytest.fixture(scope="session")
+def standin() -> Iterator[StandinServer]:
+    """The stand-in managed API (a real HTTP server on loopback) the spill route talks to."""
+    server = StandinServer(free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
 def settings(
-    database_url: str, broker_url: str, s3_endpoint: str, tiny_model_dir: Path
+    database_url: str,
+    broker_url: str,
+    s3_endpoint: str,
+    tiny_model_dir: Path,
+    standin: StandinServer,
+    broker_key_prefix: str,
 ) -> Settings:
     base = Settings()
     tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
@@ -104,6 +121,7 @@ def settings(
         environment="test",
         database_url=database_url,
         broker_url=broker_url,
+        broker_key_prefix=broker_key_prefix,
         s3_endpoint_url=s3_endpoint,
         s3_bucket=f"postroom-test-{secrets.token_hex(3)}",
         s3_access_key_id="testing",
@@ -114,6 +132,15 @@ def settings(
         worker_models=["tiny", "minilm"],
         engine_max_num_seqs=32,
         worker_heartbeat_seconds=1.0,
+        spill_base_url=standin.url,
+        spill_model="standin",
+        spill_call_deadline_seconds=3.0,
+        spill_backoff_max_seconds=2.0,
+        spill_breaker_failures=50,
+        gpu_dead_after=5,
+        router_interval_seconds=1.0,
+        router_drain_window_seconds=20.0,
+        worker_metrics_port=free_port(),
     )
     Storage(settings).ensure_bucket()
     return settings

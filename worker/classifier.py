@@ -7,6 +7,7 @@ problems are results with an `error`; a dead engine is raised (fatal), never swa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import uuid
 from collections import OrderedDict
@@ -35,6 +36,27 @@ class Classifier(Protocol):
     def classify(
         self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]
     ) -> list[DocResult]: ...
+
+
+class NullClassifier:
+    """Labels from a hash of the text, no model: what the pipeline around the engine can move
+    (bench/ceiling.py). Enabled with POSTROOM_WORKER_NULL_CLASSIFIER=true, never by default."""
+
+    route = "gpu"
+
+    def classify(
+        self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]
+    ) -> list[DocResult]:
+        names = [label.name for label in spec.labels]
+        out = []
+        for doc in docs:
+            digest = int.from_bytes(
+                hashlib.blake2b(str(doc["text"]).encode(), digest_size=4).digest()
+            )
+            out.append(
+                DocResult(id=str(doc["id"]), label=names[digest % len(names)], confidence=1.0)
+            )
+        return out
 
 
 class ModelNotHosted(Exception):

@@ -11,10 +11,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import configure_logging
-from postroom.queue import QUEUE_CONTROL, TASK_REAP, make_celery
+from postroom.metrics import serve_metrics
+from postroom.queue import QUEUE_CONTROL, TASK_REAP, TASK_ROUTE, make_celery
 from postroom.settings import Settings
 from postroom.storage import Storage
+from worker.inbox import TASK_INBOX, InboxCursor, InboxDeps, run_tick
 from worker.reaper import reap
+from worker.router import route_tick
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +49,47 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
         )
         return report.__dict__
 
+    @app.task(name=TASK_ROUTE, ignore_result=True)
+    def route_task() -> int:
+        """Send shards to spill where deadlines or dead GPUs need it (see worker.router)."""
+        return len(route_tick(sessions=holder["control"].sessions, celery=app, settings=settings))
+
     interval = settings.reaper_interval_seconds
+    every = settings.router_interval_seconds
     app.conf.beat_schedule = {
         "reap": {
             "task": TASK_REAP,
             "schedule": interval,
             "options": {"queue": QUEUE_CONTROL, "expires": interval * 2},
         },
+        "route": {
+            "task": TASK_ROUTE,
+            "schedule": every,
+            "options": {"queue": QUEUE_CONTROL, "expires": every * 2},
+        },
     }
+    inbox_cursor = InboxCursor()
+
+    @app.task(name=TASK_INBOX, ignore_result=True)
+    def inbox_task() -> dict[str, Any]:
+        """S3 drop folder: list, ingest, publish, finalize; safe to run twice (see worker.inbox)."""
+        control = holder["control"]
+        deps = InboxDeps(settings, control.sessions, control.storage, app)
+        return run_tick(deps, inbox_cursor).__dict__
+
+    if settings.inbox_enabled:
+        app.conf.beat_schedule["inbox"] = {
+            "task": TASK_INBOX,
+            "schedule": settings.inbox_interval_seconds,
+            "options": {"queue": QUEUE_CONTROL, "expires": settings.inbox_interval_seconds * 2},
+        }
     app.conf.beat_scheduler = "celery.beat:Scheduler"  # in memory: Postgres is the state
     return app, holder
 
 
 def run_beat(settings: Settings, *, loglevel: str = "INFO") -> None:
+    # Celery sends worker_init (the metrics server) before its setup_logging signal.
+    configure_logging(loglevel)
     app, holder = build_control_app(settings)
 
     @signals.setup_logging.connect(weak=False)
@@ -68,6 +99,7 @@ def run_beat(settings: Settings, *, loglevel: str = "INFO") -> None:
     @signals.worker_init.connect(weak=False)
     def _start(**_: Any) -> None:
         holder["control"] = Control(settings, app)
+        serve_metrics(port=settings.beat_metrics_port, bind=settings.metrics_bind)
 
     app.worker_main(
         [

@@ -80,9 +80,19 @@ class EngineAdapter:
         self.settings = settings
         self.device = detect_device(settings.engine_device)
         self.max_model_len = spec.max_model_len or settings.engine_max_model_len
-        self.max_inflight = max(
-            1, int(settings.engine_max_num_seqs * settings.engine_inflight_factor)
+        gpu = self.device != "cpu"
+        self.max_num_seqs = int(
+            spec.engine_options.get("max_num_seqs")
+            or settings.engine_max_num_seqs
+            or (512 if gpu else 128)
         )
+        self.max_num_batched_tokens = settings.engine_max_num_batched_tokens or (
+            32_768 if gpu else 0
+        )
+        eager = settings.engine_enforce_eager
+        self.enforce_eager = eager == "true" or (eager == "auto" and not gpu)
+        factor = settings.engine_inflight_factor or (4.0 if gpu else 2.0)
+        self.max_inflight = max(1, int(self.max_num_seqs * factor))
         self._llm: Any = None
         self._slots: FairSlots | None = None
         self._local = threading.local()
@@ -104,14 +114,14 @@ class EngineAdapter:
             "model": self.path,
             "tokenizer": self.path,
             "max_model_len": self.max_model_len,
-            "enforce_eager": self.settings.engine_enforce_eager,
+            "enforce_eager": self.enforce_eager,
             "enable_prefix_caching": self.settings.engine_prefix_caching,
-            "max_num_seqs": self.settings.engine_max_num_seqs,
+            "max_num_seqs": self.max_num_seqs,
             "dtype": self.settings.engine_dtype,
             "disable_log_stats": True,
         }
-        if self.settings.engine_max_num_batched_tokens:
-            options["max_num_batched_tokens"] = self.settings.engine_max_num_batched_tokens
+        if self.max_num_batched_tokens:
+            options["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.spec.mode == "embedding":
             options["runner"] = "pooling"
             # Encoder-only pooling models have no KV cache to share: prefix caching must be off.

@@ -9,12 +9,35 @@ from typing import Any
 from celery import Celery, signals
 
 from postroom.logs import configure_logging
-from postroom.queue import gpu_queue, make_celery
+from postroom.metrics import WorkerCollector, serve_metrics
+from postroom.queue import QUEUE_SPILL, gpu_queue, make_celery
 from postroom.settings import Settings
 from worker.runtime import Runtime, get_runtime, set_runtime
 from worker.tasks import register_tasks
 
 logger = logging.getLogger(__name__)
+
+
+def metrics_snapshot(runtime: Runtime) -> dict[str, Any]:
+    """What WorkerCollector exports, read at scrape time from the runtime's plain counters."""
+    engines = {
+        alias: {
+            "inflight": engine.inflight,
+            "max_inflight": engine.max_inflight,
+            "max_num_seqs": engine.max_num_seqs,
+            "requests": engine.requests_total,
+            "prompt_tokens": engine.prompt_tokens_total,
+            "cached_tokens": engine.cached_tokens_total,
+        }
+        for alias, engine in list(runtime.engines.items())
+    }
+    return {
+        "name": runtime.name,
+        "route": runtime.route,
+        "models": runtime.models,
+        "shards_in_flight": runtime.shards_in_flight(),
+        "engines": engines,
+    }
 
 
 def build_app(settings: Settings) -> Celery:
@@ -29,6 +52,7 @@ def run_worker(
     models: list[str],
     queues: list[str] | None,
     concurrency: int,
+    route: str = "gpu",
     loglevel: str = "INFO",
 ) -> None:
     """Start a GPU worker serving `models`; blocks until the worker shuts down.
@@ -36,8 +60,11 @@ def run_worker(
     The threads pool keeps `concurrency` shards in flight over one shared async engine per alias;
     prefork would load one engine per child and cannot host the engine's own child process.
     """
+    # Celery sends worker_init (engine start, metrics server) before its setup_logging signal.
+    configure_logging(loglevel)
     app = build_app(settings)
-    queue_names = queues or [gpu_queue(alias) for alias in models]
+    default_queues = [QUEUE_SPILL] if route == "spill" else [gpu_queue(a) for a in models]
+    queue_names = queues or default_queues
 
     @signals.setup_logging.connect(weak=False)
     def _setup_logging(**_: Any) -> None:
@@ -45,8 +72,13 @@ def run_worker(
 
     @signals.worker_init.connect(weak=False)
     def _start_runtime(**_: Any) -> None:
-        runtime = Runtime(settings, models=models)
+        runtime = Runtime(settings, models=models if route == "gpu" else [], route=route)
         set_runtime(runtime)
+        serve_metrics(
+            port=settings.worker_metrics_port,
+            bind=settings.metrics_bind,
+            collectors=[WorkerCollector(lambda: metrics_snapshot(runtime))],
+        )
         runtime.start()
 
     @signals.worker_shutdown.connect(weak=False)

@@ -16,7 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
-from sqlalchemy import distinct, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Job, Shard
@@ -29,6 +29,7 @@ from postroom.jobs import (
     unwritten_result_shards,
 )
 from postroom.keys import result_shard_key
+from postroom.metrics import REAPER_ACTIONS
 from postroom.queue import publish_shard, queue_depth
 from postroom.results import shard_result_lines
 from postroom.settings import Settings
@@ -84,10 +85,13 @@ def reap(
     with sessions.begin() as session:
         report.expired = expire_leases(session=session)
         queues = session.scalars(
-            select(distinct(Shard.queue)).where(Shard.state.in_(SHARD_CLAIMABLE))
+            select(Shard.queue).distinct().where(Shard.state.in_(SHARD_CLAIMABLE))
         ).all()
+    REAPER_ACTIONS.labels("rewritten").inc(report.rewritten)
+    REAPER_ACTIONS.labels("expired").inc(report.expired)
     try:
-        idle = [q for q in queues if queue_depth(redis, q) == 0]
+        prefix = settings.broker_key_prefix
+        idle = [q for q in queues if queue_depth(redis, q, prefix=prefix) == 0]
     except RedisError as e:
         logger.warning("reaper cannot read queue depths (%s); skipping republish", e)
         return report
@@ -110,6 +114,7 @@ def reap(
         with sessions.begin() as session:
             mark_published(session=session, shards=published)
     report.republished = len(published)
+    REAPER_ACTIONS.labels("republished").inc(report.republished)
     if report.expired or report.republished or report.rewritten:
         logger.info(
             "reaper: %d leases expired, %d shards republished (%d idle queues), "

@@ -22,10 +22,11 @@ from postroom.db.session import make_engine, make_sessionmaker
 from postroom.jobs import extend_leases
 from postroom.settings import DEFAULT_TINY_MODEL_DIR, Settings
 from postroom.storage import Storage
-from worker.classifier import Classifier, EngineClassifier
+from worker.classifier import Classifier, EngineClassifier, NullClassifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
 from worker.models import build_model
+from worker.spill import SpillClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class Runtime:
 
     def start(self) -> None:
         self.beat()  # register first: the API accepts jobs for these aliases from now on
-        for alias in self.models:
+        hosted = self.route == "gpu" and not self.settings.worker_null_classifier
+        for alias in self.models if hosted else []:
             spec = self.settings.model_spec(alias)
             if spec.path == DEFAULT_TINY_MODEL_DIR and not Path(spec.path).exists():
                 # The default model is generated, not downloaded: build it on first start.
@@ -95,14 +97,19 @@ class Runtime:
             )
             self.loop.run(engine.start(), timeout=900)
             self.engines[alias] = engine
-        self.classifier = EngineClassifier(
-            loop=self.loop,
-            engines=self.engines,
-            doc_max_tokens=self.settings.doc_max_tokens,
-            choice_max_tokens=self.settings.choice_max_tokens,
-            embedding_temperature=self.settings.embedding_temperature,
-            timeout=self.settings.engine_request_timeout_seconds,
-        )
+        if self.route == "spill":
+            self.classifier = SpillClassifier(loop=self.loop, settings=self.settings)
+        elif self.settings.worker_null_classifier:
+            self.classifier = NullClassifier()
+        else:
+            self.classifier = EngineClassifier(
+                loop=self.loop,
+                engines=self.engines,
+                doc_max_tokens=self.settings.doc_max_tokens,
+                choice_max_tokens=self.settings.choice_max_tokens,
+                embedding_temperature=self.settings.embedding_temperature,
+                timeout=self.settings.engine_request_timeout_seconds,
+            )
         self._heartbeat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
         self._heartbeat.start()
         self.beat()
@@ -123,9 +130,12 @@ class Runtime:
         with self._leases_lock:
             self._leases.pop((job_id, shard_no), None)
 
-    def stats(self) -> dict[str, Any]:
+    def shards_in_flight(self) -> int:
         with self._leases_lock:
-            in_flight = len(self._leases)
+            return len(self._leases)
+
+    def stats(self) -> dict[str, Any]:
+        in_flight = self.shards_in_flight()
         return {
             "shards_in_flight": in_flight,
             "shards_done": self.shards_done,

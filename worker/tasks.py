@@ -33,14 +33,23 @@ from postroom.jobs import (
 )
 from postroom.keys import input_shard_key, result_shard_key
 from postroom.logs import bound
+from postroom.metrics import SHARDS, observe_shard
 from postroom.queue import TASK_CLASSIFY_SHARD, publish_shard
 from postroom.results import result_line, upsert_results
 from worker.classifier import ModelNotHosted
 from worker.runtime import Runtime, get_runtime
+from worker.spill import SpillUnavailable
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT = (BotoCoreError, ClientError, OperationalError, ModelNotHosted, TimeoutError)
+TRANSIENT = (
+    BotoCoreError,
+    ClientError,
+    OperationalError,
+    ModelNotHosted,
+    TimeoutError,
+    SpillUnavailable,
+)
 
 
 def register_tasks(app: Celery) -> None:
@@ -94,6 +103,7 @@ def _run_admitted(
             shard_no=shard_no,
             worker=runtime.name,
             lease_seconds=settings.lease_seconds,
+            route=runtime.route,
         )
         if claimed is None:
             logger.info("shard not claimable (done, running elsewhere or cancelled): no-op")
@@ -107,8 +117,10 @@ def _run_admitted(
         ).scalar_one()
     spec = JobSpec.model_validate(job_row.spec)
     runtime.hold(job_id, shard_no, attempt)
+    t_claimed = time.monotonic()
     try:
         docs = list(runtime.storage.iter_jsonl(input_shard_key(job_id, shard_no)))
+        t_read = time.monotonic()
         # Attempts are counted at claim time, so a worker that crashed on this shard counted too.
         limit = (
             settings.max_attempts if shard_no < job_row.shard_count else settings.split_max_attempts
@@ -142,25 +154,17 @@ def _run_admitted(
             results = runtime.classifier.classify(
                 job_id=job_id, spec=spec, shard=f"{job_id}/{shard_no}", docs=docs
             )
+            results = check_labels(spec, results)
+        t_classified = time.monotonic()
         lines = [
             result_line(r, route=runtime.route, model=spec.model, revision=spec.revision)
             for r in results
         ]
         failed = sum(1 for r in results if r.error)
         with runtime.sessions.begin() as session:
-            won = finish_shard(
-                session=session,
-                job_id=job_id,
-                shard_no=shard_no,
-                attempt=attempt,
-                succeeded=len(results) - failed,
-                failed=failed,
-                route=runtime.route,
-            )
-            if not won:
-                session.rollback()
-                logger.warning("lease lost before commit (attempt %d): results discarded", attempt)
-                return {"claimed": True, "committed": False}
+            # Rows first, the fenced finish last: finish_shard locks the job row to complete it,
+            # and that lock is then held only for the moment before the commit, so shards of one
+            # job finishing together do not queue behind each other's upserts.
             upsert_results(
                 session=session,
                 job_id=job_id,
@@ -171,6 +175,32 @@ def _run_admitted(
                 revision=spec.revision,
                 results=[(int(d["line"]), r) for d, r in zip(docs, results, strict=True)],
             )
+            won = finish_shard(
+                session=session,
+                job_id=job_id,
+                shard_no=shard_no,
+                attempt=attempt,
+                succeeded=len(results) - failed,
+                failed=failed,
+                route=runtime.route,
+                tokens_in=sum(r.tokens_in for r in results),
+                tokens_out=sum(r.tokens_out for r in results),
+            )
+            if not won:
+                # Fenced out: roll back the rows written above with everything else.
+                session.rollback()
+                SHARDS.labels(runtime.route, "lease_lost").inc()
+                logger.warning("lease lost before commit (attempt %d): results discarded", attempt)
+                return {"claimed": True, "committed": False}
+        t_committed = seconds_done = time.monotonic()
+        seconds = seconds_done - started
+        observe_shard(
+            settings=settings,
+            route=runtime.route,
+            model=spec.model,
+            results=results,
+            seconds=seconds,
+        )
         # Only the attempt that won the fenced commit gets here, so a worker that lost its lease
         # can never overwrite the object. A crash before this line leaves the object to the
         # reaper, which rebuilds it from the committed rows.
@@ -178,6 +208,7 @@ def _run_admitted(
         with runtime.sessions.begin() as session:
             mark_results_written(session=session, job_id=job_id, shard_no=shard_no)
     except TRANSIENT:
+        SHARDS.labels(runtime.route, "released").inc()
         try:
             with runtime.sessions.begin() as session:
                 release_shard(session=session, job_id=job_id, shard_no=shard_no, attempt=attempt)
@@ -188,12 +219,20 @@ def _run_admitted(
         runtime.drop(job_id, shard_no)
     runtime.docs_done += len(results)
     runtime.shards_done += 1
+    ended = time.monotonic()
+    # Where the shard's time went (bench/ceiling.py sums these across shards).
     logger.info(
-        "shard done: docs=%d failed=%d secs=%.2f attempt=%d",
+        "shard done: docs=%d failed=%d secs=%.3f attempt=%d claim=%.3f read=%.3f "
+        "classify=%.3f commit=%.3f write=%.3f",
         len(results),
         failed,
-        time.monotonic() - started,
+        ended - started,
         attempt,
+        t_claimed - started,
+        t_read - t_claimed,
+        t_classified - t_read,
+        t_committed - t_classified,
+        ended - t_committed,
     )
     return {"claimed": True, "committed": True, "docs": len(results), "failed": failed}
 
@@ -233,6 +272,7 @@ def split_poison_shard(
         )
     if not created:
         return {"claimed": True, "committed": False}
+    SHARDS.labels(runtime.route, "split").inc()
     published = []
     for child in created:
         publish_shard(celery, job_id=str(job_id), shard_no=child, queue=queue)
@@ -245,3 +285,22 @@ def split_poison_shard(
         created,
     )
     return {"claimed": True, "split": created}
+
+
+OFF_LABEL = "the answer was not one of the job's labels; the document was not labelled"
+
+
+def check_labels(spec: JobSpec, results: list[DocResult]) -> list[DocResult]:
+    """The server-side re-check before anything is stored, whatever the engine or the managed
+    API answered (documents are data, and decoding is constrained, but this does not trust
+    that): a label outside the job's label set becomes a per-document error, never a label."""
+    allowed = {label.name for label in spec.labels}
+    return [
+        r
+        if (r.label is None or r.label in allowed)
+        and (r.distribution is None or set(r.distribution) <= allowed)
+        else r.model_copy(
+            update={"label": None, "confidence": None, "distribution": None, "error": OFF_LABEL}
+        )
+        for r in results
+    ]

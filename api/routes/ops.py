@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import text
+
+from api.schemas import ErrorBody
+from postroom.errors import Unauthorized
 
 router = APIRouter(tags=["ops"])
 
@@ -45,6 +49,24 @@ def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def _check_metrics_token(request: Request) -> None:
+    """With POSTROOM_METRICS_TOKEN set, /metrics answers only `Authorization: Bearer <token>`."""
+    token = request.app.state.settings.metrics_token.get_secret_value()
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthorized(
+            "/metrics needs `Authorization: Bearer <POSTROOM_METRICS_TOKEN>`; give Prometheus "
+            "the token (scrape_configs: authorization: credentials)"
+        )
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorBody}})
+def metrics(request: Request) -> Response:
+    """This process's metrics, then the deployment's, counted from Postgres (queue depth…)."""
+    _check_metrics_token(request)
+    body = generate_latest(REGISTRY) + generate_latest(request.app.state.metrics_registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -86,6 +86,11 @@ class Job(Base):
     rejected_docs: Mapped[int] = mapped_column(Integer, default=0)
     shard_count: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # Spill: the most this job may spend on the managed API, its estimate per route before it
+    # starts, and the router's last word on it ("waiting for GPUs: spill budget reached").
+    max_spill_cost: Mapped[float | None] = mapped_column(Float)
+    estimate: Mapped[dict[str, Any] | None]
+    router_note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -118,6 +123,8 @@ class Shard(Base):
     route: Mapped[str | None] = mapped_column(String(8))
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    tokens_in: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tokens_out: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -3,6 +3,8 @@ nothing sensitive is published beyond 127.0.0.1."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,69 @@ def test_stateful_services_listen_on_loopback_only() -> None:
     for name in ("postgres", "redis", "s3", "flower"):
         for port in services[name].get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+# Published beyond the host only on purpose: the HTTP API (bearer keys on every /v1 route).
+PUBLIC_SERVICES = {"api"}
+# Images (or postroom commands) that must never be reachable from outside the host.
+INTERNAL_IMAGES = ("postgres", "redis", "moto", "minio", "prometheus", "grafana")
+
+
+def _host_ip(port: Any) -> str:
+    """The host address a compose `ports` entry binds: short ("127.0.0.1:5432:5432") or long."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "0.0.0.0"))
+    parts = str(port).rsplit(":", 2)
+    return parts[0].strip("[]") if len(parts) == 3 else "0.0.0.0"
+
+
+def test_nothing_but_the_api_is_published_beyond_loopback() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name}: host networking bypasses ports"
+        if name in PUBLIC_SERVICES:
+            continue
+        for port in service.get("ports", []):
+            assert _host_ip(port) == "127.0.0.1", (name, port)
+
+
+def test_databases_broker_s3_flower_and_dashboards_are_loopback_only() -> None:
+    services = _compose()["services"]
+    internal = {
+        name
+        for name, svc in services.items()
+        if any(image in str(svc.get("image", "")) for image in INTERNAL_IMAGES)
+        or svc.get("command", [None])[0] == "flower"
+    }
+    assert {"postgres", "redis", "s3", "flower"} <= internal
+    for name in internal:
+        assert name not in PUBLIC_SERVICES
+        for port in services[name].get("ports", []):
+            assert _host_ip(port) == "127.0.0.1", (name, port)
+        for published in services[name].get("expose", []):
+            assert ":" not in str(published), (name, published)
+
+
+def test_dashboards_need_a_login() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        if "grafana" in str(service.get("image", "")):
+            env = service.get("environment", {})
+            assert ":?" in str(env.get("GF_SECURITY_ADMIN_PASSWORD", "")), name
+            assert str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "false", name
+
+
+def test_flower_refuses_to_start_without_credentials() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "postroom_cli", "flower"],
+        env={"POSTROOM_FLOWER_BASIC_AUTH": "", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode != 0
+    assert b"POSTROOM_FLOWER_BASIC_AUTH" in done.stderr + done.stdout
 
 
 def test_worker_uses_the_gpu_image_with_a_device_reservation() -> None:

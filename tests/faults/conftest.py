@@ -76,6 +76,7 @@ class FaultStack:
             retry_backoff_max_seconds=4,
             database_statement_timeout_ms=10_000,
             fault_poison_marker=POISON,
+            worker_metrics_port=0,
         )
         self.env = settings_env(self.settings)
         self.procs: list[Any] = []

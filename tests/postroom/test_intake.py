@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
-from postroom.intake import Intake, LineSplitter, feed_lines
+import pytest
+
+from postroom.errors import InvalidInput, PayloadTooLarge
+from postroom.intake import (
+    Gunzip,
+    Intake,
+    LineSplitter,
+    LineStream,
+    feed_lines,
+    parse_json,
+    show,
+    text_problem,
+)
 from postroom.settings import Settings
 
 
@@ -78,3 +91,89 @@ def test_unknown_fields_are_named() -> None:
     (rejected,) = intake.rejected
     assert rejected.field == "lang"
     assert "allowed: id, text, metadata" in rejected.reason
+
+
+def test_json_that_cannot_be_stored_is_named_by_path() -> None:
+    intake, shards = _intake(max_metadata_depth=2)
+    lines = [
+        b'{"id": "a", "text": "x", "text": "y"}',
+        b'{"id": "b", "text": "x", "metadata": {"k": {"z": 1, "z": 2}}}',
+        b'{"id": "c", "text": "bad \\ud83d"}',
+        b'{"id": "d\\u0000", "text": "x"}',
+        b'{"id": "e", "text": "x", "metadata": {"s": Infinity}}',
+        b'{"id": "f", "text": "x", "metadata": {"s": 1e400}}',
+        b'{"id": "g", "text": "x", "metadata": {"a": {"b": {}}}}',
+        b'{"id": "h", "text": "x", "metadata": {"a": {"b": 1}}}',
+        b"[" * 3000 + b"]" * 3000,
+    ]
+    feed_lines(intake, list(lines))
+    intake.finish()
+    by_line = {r.line: r for r in intake.rejected}
+    assert (by_line[1].field, "duplicate key 'text'") == ("text", by_line[1].reason[:20])
+    assert by_line[2].field == "metadata.k"
+    assert "duplicate key 'z'" in by_line[2].reason
+    assert by_line[3].field == "text"
+    assert "lone surrogate (\\ud83d at character 4)" in by_line[3].reason
+    assert by_line[4].field == "id"
+    assert "NUL" in by_line[4].reason
+    assert by_line[4].id is None  # a bad id is never echoed (nor stored under skip)
+    assert by_line[4].result_id == "line:4"
+    assert "Infinity is not valid JSON" in by_line[5].reason
+    assert "out of range" in by_line[6].reason
+    assert by_line[7].field == "metadata.a.b"
+    assert "POSTROOM_MAX_METADATA_DEPTH" in by_line[7].reason
+    assert "nested too deeply" in by_line[9].reason
+    assert [d["id"] for _, docs in shards for d in docs] == ["h"]
+
+
+def test_inline_documents_get_the_byte_limit_and_hidden_duplicates() -> None:
+    intake, shards = _intake(max_document_bytes=100)
+    intake.add_object({"id": "big", "text": "é" * 60})  # 120 bytes as UTF-8
+    intake.add_object(parse_json(b'{"id": "dup", "text": "a", "text": "b"}'))
+    intake.add_object(parse_json(b'{"id": "nan", "text": "a", "metadata": {"x": NaN}}'))
+    intake.add_object({"id": "ok", "text": "fine"})
+    intake.finish()
+    reasons = {r.line: r.reason for r in intake.rejected}
+    assert "POSTROOM_MAX_DOCUMENT_BYTES" in reasons[1]
+    assert "duplicate key 'text'" in reasons[2]
+    assert "NaN" in reasons[3]
+    assert [d["id"] for _, docs in shards for d in docs] == ["ok"]
+
+
+def test_show_makes_user_strings_safe_to_echo() -> None:
+    assert show("a\x00b\ud800") == "a\\x00b\\ud800"
+    assert show("x" * 50) == "x" * 40 + "…"
+    assert text_problem("fine") is None
+
+
+def test_gunzip_streams_members_and_refuses_bombs_and_garbage() -> None:
+    data = b'{"id": "a", "text": "x"}\n' * 1000
+    packed = gzip.compress(data[:500]) + gzip.compress(data[500:])
+    unzip = Gunzip(max_bytes=10**6, max_ratio=100)
+    out = b"".join(part for i in range(0, len(packed), 7) for part in unzip.feed(packed[i : i + 7]))
+    unzip.end()
+    assert out == data
+    bomb = gzip.compress(b"\n" * 10_000_000)
+    with pytest.raises(PayloadTooLarge, match="POSTROOM_MAX_GZIP_RATIO"):
+        list(Gunzip(max_bytes=10**9, max_ratio=100).feed(bomb))
+    with pytest.raises(PayloadTooLarge, match="POSTROOM_MAX_UPLOAD_BYTES"):
+        list(Gunzip(max_bytes=1000, max_ratio=10**6).feed(gzip.compress(data)))
+    with pytest.raises(InvalidInput, match="not valid gzip"):
+        list(Gunzip(max_bytes=1000, max_ratio=100).feed(b"plain text"))
+    cut = Gunzip(max_bytes=10**6, max_ratio=100)
+    list(cut.feed(gzip.compress(data)[:-10]))
+    with pytest.raises(InvalidInput, match="truncated"):
+        cut.end()
+
+
+def test_line_stream_holds_uploads_to_the_size_limit_after_decompression() -> None:
+    body = b'{"text": "x"}\n' * 100  # 1,400 bytes
+    intake, _ = _intake(max_upload_bytes=1000)
+    stream = LineStream(intake, gzip=True, name="upload.jsonl.gz")
+    with pytest.raises(PayloadTooLarge, match=r"upload\.jsonl\.gz decompresses to more than 1,000"):
+        stream.feed(gzip.compress(body))
+    intake, _ = _intake(max_upload_bytes=1000)
+    stream = LineStream(intake, gzip=False, name="the request body")
+    stream.feed(body[:900])
+    with pytest.raises(PayloadTooLarge, match=r"the request body is over 1,000 bytes"):
+        stream.feed(body[900:])

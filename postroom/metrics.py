@@ -1,0 +1,365 @@
+"""Prometheus metrics: the counters workers and beat update, the gauges a worker reads from its
+engines at scrape time, and the gauges the API computes from Postgres at scrape time (Postgres is
+the record: queue depth is counted from shard rows, not from Redis).
+
+Names follow Prometheus conventions: `postroom_` prefix, base units in the name, `_total` on
+counters. Rates, ratios and hit rates are derived in PromQL (see config/grafana/dashboards/).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.costs import gpu_cost, spill_cost
+from postroom.db.models import Job, Shard, Worker
+from postroom.domain import JOB_ACTIVE, SHARD_CLAIMABLE, DocResult, ShardState
+from postroom.queue import QUEUE_SPILL, gpu_queue
+from postroom.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# -- beat: router and reaper
+ROUTER_DECISIONS = Counter(
+    "postroom_router_decisions_total",
+    "Router decisions, by decision and reason",
+    ["decision", "reason"],
+)
+SPILLED_SHARDS = Counter("postroom_router_spilled_shards_total", "Shards the router sent to spill")
+REAPER_ACTIONS = Counter(
+    "postroom_reaper_actions_total",
+    "Reaper actions: expired (leases run out), republished (lost messages), rewritten (result "
+    "objects rebuilt from Postgres)",
+    ["action"],
+)
+
+# -- workers: counted when a shard's results are committed
+DOCUMENTS = Counter(
+    "postroom_documents_total",
+    "Documents with committed results, by route, model alias and outcome (succeeded, failed)",
+    ["route", "model", "outcome"],
+)
+TOKENS = Counter(
+    "postroom_tokens_total",
+    "Tokens of committed results, by route, model alias and direction (in: prompt, out: answer)",
+    ["route", "model", "direction"],
+)
+DOCUMENT_FAILURES = Counter(
+    "postroom_document_failures_total",
+    "Failed documents, by reason code (the text before ':' of the result's error)",
+    ["reason"],
+)
+SPEND = Counter(
+    "postroom_spend_dollars_total",
+    "Estimated spend of committed results in dollars, by route (POSTROOM_SPILL_PRICE_*, "
+    "POSTROOM_GPU_PRICE_PER_HOUR over POSTROOM_GPU_TOKENS_PER_SECOND)",
+    ["route"],
+)
+SHARD_SECONDS = Histogram(
+    "postroom_shard_seconds",
+    "Seconds from claim to committed results, per shard",
+    ["route", "model"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+SHARDS = Counter(
+    "postroom_shards_total",
+    "Shards a worker stopped working, by route and outcome (committed, lease_lost, split, "
+    "released: given back after a transient error)",
+    ["route", "outcome"],
+)
+
+# -- API
+HTTP_REQUESTS = Counter(
+    "postroom_http_requests_total",
+    "API requests, by method, route template and status code",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "postroom_http_request_seconds",
+    "API request duration until the response starts, by method and route template",
+    ["method", "route"],
+)
+
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def failure_reason(error: str) -> str:
+    """The reason code of a result's error: the text before ':' (bounded: else `other`)."""
+    code = error.split(":", 1)[0].strip()
+    return code if _REASON.fullmatch(code) else "other"
+
+
+def observe_shard(
+    *,
+    settings: Settings,
+    route: str,
+    model: str,
+    results: Sequence[DocResult],
+    seconds: float,
+) -> None:
+    """Count one committed shard: documents, tokens, failures by reason, spend, latency."""
+    failed = [r for r in results if r.error]
+    tokens_in = sum(r.tokens_in for r in results)
+    tokens_out = sum(r.tokens_out for r in results)
+    DOCUMENTS.labels(route, model, "succeeded").inc(len(results) - len(failed))
+    DOCUMENTS.labels(route, model, "failed").inc(len(failed))
+    for result in failed:
+        DOCUMENT_FAILURES.labels(failure_reason(result.error or "")).inc()
+    TOKENS.labels(route, model, "in").inc(tokens_in)
+    TOKENS.labels(route, model, "out").inc(tokens_out)
+    if route == "spill":
+        cost = spill_cost(settings, tokens_in=tokens_in, tokens_out=tokens_out)
+    else:
+        cost = gpu_cost(settings, tokens_in=tokens_in)
+    SPEND.labels(route).inc(cost)
+    SHARD_SECONDS.labels(route, model).observe(seconds)
+    SHARDS.labels(route, "committed").inc()
+
+
+def serve_metrics(*, port: int, bind: str, collectors: Iterable[Collector] = ()) -> bool:
+    """Serve this process's registry (plus `collectors`) on http://bind:port/metrics.
+
+    Port 0 turns it off. A port already taken (two workers on one host with the same setting)
+    costs this process its metrics, not its work: it logs a warning and goes on.
+    """
+    if not port:
+        return False
+    for collector in collectors:
+        REGISTRY.register(collector)
+    try:
+        start_http_server(port, addr=bind)
+    except OSError as e:
+        logger.warning("metrics: cannot listen on %s:%d (%s); serving no metrics", bind, port, e)
+        return False
+    logger.info("metrics on http://%s:%d/metrics", bind, port)
+    return True
+
+
+# -- what a worker process reads from itself at scrape time
+
+
+_Family = CounterMetricFamily | GaugeMetricFamily
+
+
+def _labelled_families(specs: Iterable[tuple[str, str, str, list[str]]]) -> dict[str, _Family]:
+    families: dict[str, _Family] = {}
+    for kind, name, doc, labels in specs:
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        families[name] = cls(name, doc, labels=labels)
+    return families
+
+
+_WORKER_SPECS = [
+    ("gauge", "postroom_worker_info", "This worker process (value 1)", ["name", "route", "models"]),
+    ("gauge", "postroom_worker_shards_in_flight", "Shards this worker is working", ["route"]),
+    ("gauge", "postroom_engine_inflight_requests", "Requests in the engine", ["model"]),
+    ("gauge", "postroom_engine_max_inflight_requests", "Admission limit", ["model"]),
+    ("gauge", "postroom_engine_max_num_seqs", "The engine's batch size (max_num_seqs)", ["model"]),
+    (
+        "gauge",
+        "postroom_engine_batch_occupancy_ratio",
+        "Requests in the engine over max_num_seqs, capped at 1 (beyond, they wait in vLLM)",
+        ["model"],
+    ),
+    ("counter", "postroom_engine_requests", "Requests the engine finished", ["model"]),
+    ("counter", "postroom_engine_prompt_tokens", "Prompt tokens sent to the engine", ["model"]),
+    (
+        "counter",
+        "postroom_engine_cached_prompt_tokens",
+        "Prompt tokens served from the prefix cache (hit rate: over prompt tokens)",
+        ["model"],
+    ),
+]
+
+
+class WorkerCollector(Collector):
+    """Engine and worker gauges, read from the running process at every scrape.
+
+    `snapshot()` returns `{name, route, models, shards_in_flight, engines: {alias: {inflight,
+    max_inflight, max_num_seqs, requests, prompt_tokens, cached_tokens}}}`.
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        return list(_labelled_families(_WORKER_SPECS).values())
+
+    def collect(self) -> Iterable[Metric]:
+        families = _labelled_families(_WORKER_SPECS)
+        if self.snapshot is None:
+            return list(families.values())
+        snap = self.snapshot()
+        route = str(snap["route"])
+        families["postroom_worker_info"].add_metric(
+            [str(snap["name"]), route, ",".join(snap["models"])], 1
+        )
+        families["postroom_worker_shards_in_flight"].add_metric([route], snap["shards_in_flight"])
+        for alias, e in snap["engines"].items():
+            values = {
+                "postroom_engine_inflight_requests": e["inflight"],
+                "postroom_engine_max_inflight_requests": e["max_inflight"],
+                "postroom_engine_max_num_seqs": e["max_num_seqs"],
+                "postroom_engine_batch_occupancy_ratio": min(e["inflight"], e["max_num_seqs"])
+                / max(e["max_num_seqs"], 1),
+                "postroom_engine_requests": e["requests"],
+                "postroom_engine_prompt_tokens": e["prompt_tokens"],
+                "postroom_engine_cached_prompt_tokens": e["cached_tokens"],
+            }
+            for name, value in values.items():
+                families[name].add_metric([alias], value)
+        return list(families.values())
+
+
+# -- what the API computes from Postgres (shared with GET /v1/status)
+
+
+@dataclass
+class QueueDepth:
+    queue: str
+    shards: int = 0
+    documents: int = 0
+    running_shards: int = 0
+    running_documents: int = 0
+
+
+def shard_queues(settings: Settings) -> list[str]:
+    """Every queue shards can wait in: one per model alias, and spill."""
+    return [*(gpu_queue(alias) for alias in settings.models), QUEUE_SPILL]
+
+
+def queue_depths(*, session: Session, queues: Iterable[str] = ()) -> list[QueueDepth]:
+    """Shards (and their documents) waiting (queued or expired) and running, per queue.
+
+    `queues` are always listed, at 0 when empty, so a depth falls to 0 instead of vanishing.
+    """
+    depths = {queue: QueueDepth(queue) for queue in queues}
+    rows = session.execute(
+        select(Shard.queue, Shard.state, func.count(), func.coalesce(func.sum(Shard.doc_count), 0))
+        .where(Shard.state.in_([*SHARD_CLAIMABLE, ShardState.running]))
+        .group_by(Shard.queue, Shard.state)
+    ).all()
+    for queue, state, shards, docs in rows:
+        depth = depths.setdefault(queue, QueueDepth(queue))
+        if state == ShardState.running:
+            depth.running_shards += int(shards)
+            depth.running_documents += int(docs)
+        else:
+            depth.shards += int(shards)
+            depth.documents += int(docs)
+    return sorted(depths.values(), key=lambda d: d.queue)
+
+
+def documents_by_route(*, session: Session, since: datetime) -> dict[str, int]:
+    """Documents of shards finished since `since`, by route (spill over total = spill ratio)."""
+    rows = session.execute(
+        select(Shard.route, func.sum(Shard.doc_count))
+        .where(Shard.state == ShardState.done, Shard.finished_at >= since)
+        .group_by(Shard.route)
+    ).all()
+    return {str(route): int(docs) for route, docs in rows if route}
+
+
+def spill_ratio(by_route: dict[str, int]) -> float:
+    total = sum(by_route.values())
+    return by_route.get("spill", 0) / total if total else 0.0
+
+
+def alive_workers(*, session: Session, since: datetime) -> dict[str, int]:
+    """Workers whose last heartbeat is after `since`, by route."""
+    rows = session.execute(
+        select(Worker.route, func.count())
+        .where(Worker.heartbeat_at >= since)
+        .group_by(Worker.route)
+    ).all()
+    return {str(route): int(count) for route, count in rows}
+
+
+def active_jobs(*, session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.status, func.count()).where(Job.status.in_(JOB_ACTIVE)).group_by(Job.status)
+    ).all()
+    counts = {str(status): 0 for status in JOB_ACTIVE}
+    counts.update({str(status): int(count) for status, count in rows})
+    return counts
+
+
+SPILL_WINDOW_SECONDS = 300.0
+
+_POSTGRES_SPECS = [
+    ("gauge", "postroom_queue_depth_shards", "Shards waiting (queued, expired)", ["queue"]),
+    ("gauge", "postroom_queue_depth_documents", "Documents of waiting shards", ["queue"]),
+    ("gauge", "postroom_queue_running_shards", "Shards being worked", ["queue"]),
+    ("gauge", "postroom_queue_running_documents", "Documents of shards being worked", ["queue"]),
+    ("gauge", "postroom_jobs", "Jobs not finished, by status", ["status"]),
+    ("gauge", "postroom_workers_alive", "Workers with a recent heartbeat, by route", ["route"]),
+    (
+        "gauge",
+        "postroom_spill_ratio",
+        f"Share of documents finished on the spill route in the last {SPILL_WINDOW_SECONDS:.0f}s",
+        [],
+    ),
+    ("gauge", "postroom_postgres_up", "1 when the last scrape could read Postgres", []),
+]
+
+
+class PostgresCollector(Collector):
+    """Deployment-wide gauges counted from Postgres at scrape time (served by the API)."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session] | None = None, settings: Settings | None = None
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+
+    def describe(self) -> Iterable[Metric]:
+        return list(_labelled_families(_POSTGRES_SPECS).values())
+
+    def collect(self) -> Iterator[Metric]:
+        families = _labelled_families(_POSTGRES_SPECS)
+        up = families["postroom_postgres_up"]
+        if self.sessions is None or self.settings is None:
+            yield from families.values()
+            return
+        now = datetime.now(UTC)
+        try:
+            with self.sessions() as session:
+                depths = queue_depths(session=session, queues=shard_queues(self.settings))
+                jobs = active_jobs(session=session)
+                alive = alive_workers(
+                    session=session, since=now - timedelta(seconds=self.settings.gpu_dead_after)
+                )
+                by_route = documents_by_route(
+                    session=session, since=now - timedelta(seconds=SPILL_WINDOW_SECONDS)
+                )
+        except SQLAlchemyError as e:
+            logger.warning("metrics: cannot read Postgres: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        for depth in depths:
+            for name, value in (
+                ("postroom_queue_depth_shards", depth.shards),
+                ("postroom_queue_depth_documents", depth.documents),
+                ("postroom_queue_running_shards", depth.running_shards),
+                ("postroom_queue_running_documents", depth.running_documents),
+            ):
+                families[name].add_metric([depth.queue], value)
+        for status, count in jobs.items():
+            families["postroom_jobs"].add_metric([status], count)
+        for route in sorted({"gpu", "spill", *alive}):
+            families["postroom_workers_alive"].add_metric([route], alive.get(route, 0))
+        families["postroom_spill_ratio"].add_metric([], spill_ratio(by_route))
+        up.add_metric([], 1)
+        yield from families.values()

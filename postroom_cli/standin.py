@@ -1,0 +1,240 @@
+"""A stand-in for a managed OpenAI-compatible API: the chat-completions subset spill uses.
+
+A real HTTP server (FastAPI on uvicorn, loopback) for tests, benchmarks and `postroom demo`. It
+picks labels deterministically (the first label named in the document, else a hash) and can be
+told to misbehave through `POST /admin/faults`: 429 with Retry-After, 500s, malformed bodies,
+answers that are garbage or outside the label set, slow responses and hangs. `GET /admin/log`
+returns what it saw, so tests can check how clients behaved (e.g. no retry before Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+UNKNOWN_LABEL = "definitely-not-a-label"
+
+
+@dataclass
+class Faults:
+    rate_limit_first: int = 0  # the first N calls get 429
+    retry_after: float = 1.0
+    error_rate: float = 0.0  # share of calls answered 500 (deterministic: every k-th call)
+    malformed_body_rate: float = 0.0  # share of calls whose HTTP body is not JSON
+    garbage_marker: str = ""  # documents containing it get unparseable content
+    outside_marker: str = ""  # documents containing it get a label outside the set
+    latency: float = 0.0  # seconds before every answer
+    hang_marker: str = ""  # documents containing it never get an answer
+    hang_first: int = 0  # the first N calls never get an answer
+    hang_seconds: float = 3600.0
+
+
+@dataclass
+class Call:
+    arrived: float
+    status: int = 0
+    finished: float = 0.0
+    document: str = ""
+    disconnected: bool = False
+
+
+@dataclass
+class State:
+    faults: Faults = field(default_factory=Faults)
+    calls: list[Call] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def pick_label(document: str, labels: list[str]) -> str:
+    text = document.lower()
+    for label in labels:
+        if label.lower().replace("_", " ") in text:
+            return label
+    digest = int(hashlib.sha256(document.encode()).hexdigest(), 16)
+    return labels[digest % len(labels)]
+
+
+def _labels_and_key(body: dict[str, Any]) -> tuple[list[str], str | None]:
+    """The enum of the response schema (and the property holding it, if the schema is an object)."""
+    schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema", {})
+    if "enum" in schema:
+        return list(schema["enum"]), None
+    for name, prop in (schema.get("properties") or {}).items():
+        if "enum" in prop:
+            return list(prop["enum"]), name
+    return [], None
+
+
+def create_standin(state: State | None = None) -> FastAPI:
+    state = state or State()
+    app = FastAPI(title="Postroom stand-in managed API")
+    app.state.standin = state
+
+    @app.post("/admin/faults")
+    async def set_faults(request: Request) -> dict[str, Any]:
+        state.faults = Faults(**(await request.json()))
+        with state.lock:
+            state.calls.clear()
+        return asdict(state.faults)
+
+    @app.get("/admin/log")
+    async def log() -> list[dict[str, Any]]:
+        with state.lock:
+            return [asdict(c) for c in state.calls]
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        call = Call(arrived=time.time())
+        with state.lock:
+            state.calls.append(call)
+            index = len(state.calls)
+        body = await request.json()
+        messages = body.get("messages") or []
+        user = [m for m in messages if m.get("role") == "user"]
+        document = str(user[-1]["content"]) if user else ""
+        call.document = document
+        faults = state.faults
+        try:
+            if faults.latency:
+                await asyncio.sleep(faults.latency)
+            if (faults.hang_marker and faults.hang_marker in document) or (
+                index <= faults.hang_first
+            ):
+                await asyncio.sleep(faults.hang_seconds)
+            if index <= faults.rate_limit_first:
+                return _done(
+                    call,
+                    JSONResponse(
+                        {"error": {"message": "rate limited", "type": "rate_limit_exceeded"}},
+                        status_code=429,
+                        headers={"Retry-After": f"{faults.retry_after:g}"},
+                    ),
+                )
+            if _every(index, faults.error_rate):
+                return _done(call, JSONResponse({"error": {"message": "boom"}}, status_code=500))
+            if _every(index, faults.malformed_body_rate, offset=1):
+                return _done(
+                    call,
+                    Response(
+                        '{"id": "chatcmpl-1", "choi', status_code=200, media_type="application/json"
+                    ),
+                )
+            labels, key = _labels_and_key(body)
+            if not labels:
+                return _done(
+                    call,
+                    JSONResponse(
+                        {"error": {"message": "response_format must carry a JSON schema enum"}},
+                        status_code=400,
+                    ),
+                )
+            label = pick_label(document, labels)
+            if faults.outside_marker and faults.outside_marker in document:
+                label = UNKNOWN_LABEL
+            content = json.dumps({key: label}) if key else json.dumps(label)
+            if faults.garbage_marker and faults.garbage_marker in document:
+                content = "{" + label
+            prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+            if body.get("logprobs"):
+                choice["logprobs"] = {
+                    "content": [
+                        {
+                            "token": content,
+                            "logprob": math.log(0.9),
+                            "bytes": None,
+                            "top_logprobs": [],
+                        }
+                    ]
+                }
+            return _done(
+                call,
+                JSONResponse(
+                    {
+                        "id": f"chatcmpl-{index}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "standin"),
+                        "choices": [choice],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": 5,
+                            "total_tokens": prompt_tokens + 5,
+                        },
+                    }
+                ),
+            )
+        except asyncio.CancelledError:
+            call.disconnected = True
+            call.finished = time.time()
+            raise
+
+    return app
+
+
+def _every(index: int, rate: float, offset: int = 0) -> bool:
+    """Deterministic share: with rate 0.3, calls 1, 4, 7, … (every 1/rate-th, rounded)."""
+    if rate <= 0:
+        return False
+    period = max(1, round(1 / rate))
+    return (index + offset) % period == 1 % period
+
+
+def _done(call: Call, response: Response) -> Response:
+    call.status = response.status_code
+    call.finished = time.time()
+    return response
+
+
+class StandinServer:
+    """Serve the stand-in in a thread (tests, demo). `url` is its OpenAI base URL."""
+
+    def __init__(self, port: int) -> None:
+        self.state = State()
+        config = uvicorn.Config(
+            create_standin(self.state),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    def start(self) -> StandinServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("stand-in API did not start")
+            time.sleep(0.05)
+        return self
+
+    def set_faults(self, **faults: Any) -> None:
+        self.state.faults = Faults(**faults)
+        with self.state.lock:
+            self.state.calls.clear()
+
+    def calls(self) -> list[Call]:
+        with self.state.lock:
+            return list(self.state.calls)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,242 @@
+"""Spill to a managed API: the router (`postroom beat`), a spill worker (`postroom worker --route
+spill`) and the stand-in managed API, all real processes and servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.models import Shard, Worker
+from postroom.keys import result_shard_key
+from postroom.storage import Storage
+from postroom_cli.client import Client
+from postroom_cli.local import postroom_command, spawn, stop
+from postroom_cli.standin import StandinServer
+from tests.helpers import LABELS, make_docs, wait_for_status, write_jsonl
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.usefixtures("worker")
+DEAD = "unserved"  # a registry alias whose only GPU worker died an hour ago
+
+
+@pytest.fixture(scope="module", autouse=True)
+def spill_processes(
+    env: dict[str, str], logs_dir: Path, sessions: sessionmaker[Session]
+) -> Iterator[None]:
+    with sessions.begin() as session:
+        session.execute(
+            insert(Worker).values(
+                name="gpu@dead-host:1",
+                route="gpu",
+                models=[DEAD],
+                stats={},
+                heartbeat_at=datetime.now(UTC) - timedelta(hours=1),
+            )
+        )
+    beat = spawn(postroom_command("beat"), env=env, log=logs_dir / "beat.log")
+    spill = spawn(
+        postroom_command("worker", "--route", "spill", "--concurrency", "4"),
+        env=env,
+        log=logs_dir / "spill.log",
+    )
+
+    def spill_ready() -> bool:
+        with sessions() as session:
+            return bool(
+                session.scalar(
+                    select(func.count()).select_from(Worker).where(Worker.route == "spill")
+                )
+            )
+
+    wait_until(spill_ready, timeout=60, what="spill worker registered", alive=spill)
+    yield
+    stop(spill)
+    stop(beat)
+    with sessions.begin() as session:
+        session.execute(delete(Worker).where(Worker.name == "gpu@dead-host:1"))
+
+
+@pytest.fixture(autouse=True)
+def _no_faults(standin: StandinServer) -> Iterator[None]:
+    standin.set_faults()
+    yield
+    standin.set_faults()
+
+
+def _submit(client: Client, tmp: Path, docs: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
+    path = write_jsonl(tmp / f"{uuid.uuid4().hex}.jsonl", docs)
+    return client.upload(path, {"labels": ",".join(LABELS), **params})
+
+
+def _routes(client: Client, job_id: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in client.results(job_id):
+        counts[line["route"]] = counts.get(line["route"], 0) + 1
+    return counts
+
+
+def _s3_ids(storage: Storage, sessions: sessionmaker[Session], job_id: str) -> list[str]:
+    with sessions() as session:
+        shards = session.scalars(
+            select(Shard.shard_no).where(Shard.job_id == uuid.UUID(job_id), Shard.state == "done")
+        ).all()
+    ids = []
+    for shard_no in shards:
+        body = storage.get_bytes(result_shard_key(uuid.UUID(job_id), shard_no))
+        ids += [json.loads(line)["id"] for line in body.splitlines()]
+    return ids
+
+
+def test_no_gpu_worker_means_everything_spills(client: Client, tmp_path: Path) -> None:
+    job = _submit(client, tmp_path, make_docs(2000), model=DEAD)
+    assert job["estimate"]["docs"] == 2000
+    assert job["estimate"]["spill"]["cost"] > 0
+    done = wait_for_status(client, job["id"], timeout=240)
+    assert done["status"] == "completed"
+    assert done["counts"]["succeeded"] == 2000
+    assert done["counts"]["spilled"] == 2000
+    assert _routes(client, job["id"]) == {"spill": 2000}
+    assert done["spend"]["spill"]["docs"] == 2000
+    assert done["spend"]["spill"]["cost"] > 0
+    assert done["spend"]["per_1000_docs"] > 0
+
+
+def test_a_slow_gpu_spills_the_marginal_shards_to_meet_the_deadline(
+    client: Client, tmp_path: Path, storage: Storage, sessions: sessionmaker[Session]
+) -> None:
+    # Given the router has measured the GPU drain rate on a warm-up job …
+    warm = _submit(client, tmp_path, make_docs(600, seed=3))
+    wait_for_status(client, warm["id"])
+    # … a job the GPU alone cannot finish before its deadline
+    docs = make_docs(3000, seed=4)
+    job = _submit(client, tmp_path, docs, deadline="12")
+    done = wait_for_status(client, job["id"], timeout=240)
+    routes = _routes(client, job["id"])
+    # Then part of it (not all) spilled, and it finished in time
+    assert done["status"] == "completed"
+    assert set(routes) == {"gpu", "spill"}, routes
+    assert 0 < routes["spill"] < 3000
+    assert sum(routes.values()) == 3000
+    finished = datetime.fromisoformat(done["finished_at"])
+    assert finished <= datetime.fromisoformat(done["deadline"]), done
+    ids = _s3_ids(storage, sessions, job["id"])
+    assert sorted(ids) == sorted(d["id"] for d in docs)  # every document once, across routes
+
+
+def test_retry_after_is_honoured(client: Client, tmp_path: Path, standin: StandinServer) -> None:
+    standin.set_faults(rate_limit_first=5, retry_after=2)
+    job = _submit(client, tmp_path, make_docs(200, seed=5), spill="always")
+    done = wait_for_status(client, job["id"], timeout=120)
+    assert done["counts"]["succeeded"] == 200
+    calls = standin.calls()
+    limited = [c for c in calls if c.status == 429]
+    assert len(limited) == 5
+    # The retry of each rate-limited request waits Retry-After …
+    for c in limited:
+        retry = min(x.arrived for x in calls if x.document == c.document and x.arrived > c.arrived)
+        assert retry >= c.finished + 2.0 - 0.05
+    # … and so does the whole process: past requests already on the wire, nothing is sent in
+    # the Retry-After window.
+    first = min(c.finished for c in limited)
+    assert not [c for c in calls if first + 0.3 < c.arrived < first + 1.95]
+
+
+def test_server_errors_are_retried(client: Client, tmp_path: Path, standin: StandinServer) -> None:
+    standin.set_faults(error_rate=0.3, malformed_body_rate=0.1)
+    job = _submit(client, tmp_path, make_docs(300, seed=6), spill="always")
+    done = wait_for_status(client, job["id"], timeout=180)
+    assert done["counts"]["succeeded"] == 300
+    assert any(c.status == 500 for c in standin.calls())
+
+
+def test_answers_outside_the_set_fail_after_one_retry(
+    client: Client, tmp_path: Path, standin: StandinServer
+) -> None:
+    standin.set_faults(garbage_marker="GARBLE", outside_marker="OFFSCRIPT")
+    docs = make_docs(60, seed=7)
+    docs[3]["text"] += " GARBLE"
+    docs[9]["text"] += " OFFSCRIPT"
+    job = _submit(client, tmp_path, docs, spill="always")
+    done = wait_for_status(client, job["id"], timeout=120)
+    assert done["counts"] == {**done["counts"], "succeeded": 58, "failed": 2}
+    failed = {r["id"]: r["error"] for r in client.results(job["id"], only_failed=True)}
+    assert set(failed) == {docs[3]["id"], docs[9]["id"]}
+    assert "unparseable" in failed[docs[3]["id"]]
+    assert "is not one of the labels" in failed[docs[9]["id"]]
+    asked = [c for c in standin.calls() if "GARBLE" in c.document or "OFFSCRIPT" in c.document]
+    assert len(asked) == 4  # each asked exactly twice
+
+
+def test_a_hanging_endpoint_never_holds_a_call_past_its_deadline(
+    client: Client, tmp_path: Path, standin: StandinServer, settings: Any
+) -> None:
+    standin.set_faults(hang_first=8)
+    job = _submit(client, tmp_path, make_docs(100, seed=8), spill="always")
+    done = wait_for_status(client, job["id"], timeout=180)
+    assert done["counts"]["succeeded"] == 100
+    calls = standin.calls()
+    # The stand-in never answers the first 8 calls; each document asked there was asked again
+    # once the call deadline ran out (plus at most one backoff), so no worker waited longer.
+    bound = settings.spill_call_deadline_seconds + settings.spill_backoff_max_seconds + 1.0
+    for hung in calls[:8]:
+        again = min(c.arrived for c in calls if c.document == hung.document and c is not hung)
+        assert again - hung.arrived <= bound
+
+
+def test_never_means_never_and_the_budget_holds(
+    client: Client, tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    never = _submit(client, tmp_path, make_docs(300, seed=9), model=DEAD, spill="never")
+    budget = 0.005  # about two shards of these documents at the stand-in's token counts
+    capped = _submit(
+        client, tmp_path, make_docs(1500, seed=10), model=DEAD, max_spill_cost=str(budget)
+    )
+
+    def held() -> bool:
+        return bool(client.job(capped["id"])["router_note"])
+
+    wait_until(held, timeout=90, what="the router held the capped job back")
+
+    def spilled_done() -> dict[str, Any] | None:
+        job = client.job(capped["id"])
+        with sessions() as session:
+            running = session.scalar(
+                select(func.count())
+                .select_from(Shard)
+                .where(
+                    Shard.job_id == uuid.UUID(capped["id"]),
+                    Shard.queue == "spill",
+                    Shard.state != "done",
+                )
+            )
+        return job if job["counts"]["succeeded"] and not running else None
+
+    job = wait_until(spilled_done, timeout=90, what="the spilled part finished")
+    assert "max_spill_cost" in job["router_note"]
+    assert 0 < job["counts"]["spilled"] < 1500
+    assert job["spend"]["spill"]["cost"] <= budget
+    with sessions() as session:
+        queues = set(
+            session.scalars(select(Shard.queue).where(Shard.job_id == uuid.UUID(never["id"])))
+        )
+    assert queues == {f"gpu.{DEAD}"}
+    assert client.job(never["id"])["counts"]["spilled"] == 0
+    for job_id in (never["id"], capped["id"]):
+        client.cancel(job_id)
+
+
+def test_spill_worker_command_exists() -> None:
+    out = subprocess.run(
+        postroom_command("worker", "--help"), capture_output=True, text=True, check=True
+    ).stdout
+    assert "--route" in out

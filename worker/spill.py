@@ -1,0 +1,274 @@
+"""The spill route's classifier: any OpenAI-compatible chat-completions endpoint.
+
+Same prompt as generative mode (instructions and labels as the system message, the document as the
+user message); the answer is forced to the label set with a JSON-schema enum and validated. An
+answer outside the set (or unparseable) is asked again once, then that document fails with the
+reason. Rate limits and faults: bounded concurrency, `Retry-After` honoured for every request of
+the process (it is the endpoint's rate limit, not one request's), exponential backoff with jitter on
+5xx and timeouts, a total deadline per call, and a circuit breaker. When a document cannot get an
+answer the whole shard goes back to the queue (SpillUnavailable): nothing is lost, and the claim
+and upsert path makes the rerun harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import openai
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from postroom.domain import DocResult, JobSpec
+from postroom.prompts import instructions_text
+from postroom.settings import Settings
+from worker.loop import LoopThread
+
+logger = logging.getLogger(__name__)
+
+
+class SpillUnavailable(Exception):
+    """The endpoint cannot answer now (breaker open, retries spent): the shard goes back."""
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitBreaker:
+    """Open after `failures` consecutive failures; let one call through after `reset` seconds."""
+
+    def __init__(self, failures: int, reset: float) -> None:
+        self.failures = failures
+        self.reset = reset
+        self.consecutive = 0
+        self.opened_at: float | None = None
+
+    def check(self) -> None:
+        if self.opened_at is None:
+            return
+        if time.monotonic() - self.opened_at < self.reset:
+            raise SpillUnavailable("circuit breaker open: the managed API keeps failing")
+        self.opened_at = None  # half-open: this call decides
+        self.consecutive = self.failures - 1
+
+    def success(self) -> None:
+        self.consecutive = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self.consecutive >= self.failures and self.opened_at is None:
+            self.opened_at = time.monotonic()
+            logger.warning("circuit breaker opened after %d failures", self.consecutive)
+
+
+def response_schema(labels: Sequence[str]) -> dict[str, Any]:
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "classification",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"label": {"type": "string", "enum": list(labels)}},
+                "required": ["label"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def parse_answer(content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
+    """(label, None) for a valid answer, else (None, why it is not one)."""
+    try:
+        value = json.loads(content or "")
+    except ValueError:
+        return None, f"unparseable answer {str(content)[:40]!r}"
+    label = value.get("label") if isinstance(value, dict) else value
+    if isinstance(label, str) and label in labels:
+        return label, None
+    return None, f"answer {str(label)[:40]!r} is not one of the labels"
+
+
+class SpillClassifier:
+    route = "spill"
+
+    def __init__(self, *, loop: LoopThread, settings: Settings) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.model = settings.spill_model or "default"
+        self.breaker = CircuitBreaker(
+            settings.spill_breaker_failures, settings.spill_breaker_reset_seconds
+        )
+        self._not_before = 0.0  # monotonic time before which no request may go out (Retry-After)
+        self._client: openai.AsyncOpenAI | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self.calls = 0
+
+    def _ensure(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        # Built on the loop thread, where they are used.
+        if self._client is None or self._sem is None:
+            self._client = openai.AsyncOpenAI(
+                base_url=self.settings.spill_base_url,
+                api_key=self.settings.spill_api_key.get_secret_value() or "none",
+                max_retries=0,  # ours below: Retry-After for the whole process, breaker, deadline
+                timeout=self.settings.spill_call_deadline_seconds,
+            )
+            self._sem = asyncio.Semaphore(self.settings.spill_concurrency)
+        return self._client, self._sem
+
+    def classify(
+        self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]
+    ) -> list[DocResult]:
+        if not self.settings.spill_base_url:
+            raise SpillUnavailable("POSTROOM_SPILL_BASE_URL is not set")
+        system = instructions_text(spec.labels, spec.instructions)
+        labels = [label.name for label in spec.labels]
+        # Every call has its own deadline; this bound only keeps a stuck loop from holding the
+        # Celery thread forever.
+        s = self.settings
+        waves = math.ceil(len(docs) / s.spill_concurrency) or 1
+        per_doc = (
+            2 * s.spill_max_tries * (s.spill_call_deadline_seconds + s.spill_backoff_max_seconds)
+        )
+        timeout = waves * per_doc
+        return self.loop.run(self._classify_all(system, labels, docs), timeout=timeout)
+
+    async def _classify_all(
+        self, system: str, labels: list[str], docs: Sequence[dict[str, Any]]
+    ) -> list[DocResult]:
+        tasks = [asyncio.ensure_future(self._one(system, labels, doc)) for doc in docs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _one(self, system: str, labels: list[str], doc: dict[str, Any]) -> DocResult:
+        doc_id = str(doc["id"])
+        tokens_in = tokens_out = 0
+        why = ""
+        for _ in range(2):  # an answer outside the label set is asked again once
+            response = await self._call(system, labels, str(doc["text"]))
+            if response.usage:
+                tokens_in += response.usage.prompt_tokens
+                tokens_out += response.usage.completion_tokens
+            choice = response.choices[0]
+            label, problem = parse_answer(choice.message.content, labels)
+            if label is not None:
+                return DocResult(
+                    id=doc_id,
+                    label=label,
+                    confidence=_confidence(choice),
+                    tokens_in=tokens_in,
+                    tokens_out=tokens_out,
+                )
+            why = problem or ""
+        return DocResult(
+            id=doc_id,
+            error=f"answer_not_a_label: {why} (asked twice)",
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+        )
+
+    async def _call(self, system: str, labels: list[str], text: str) -> Any:
+        client, sem = self._ensure()
+        s = self.settings
+        backoff = wait_random_exponential(multiplier=0.5, max=s.spill_backoff_max_seconds)
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            after = getattr(error, "retry_after", None)
+            return float(after) if after else float(backoff(state))
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(s.spill_max_tries),
+            wait=wait,
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    self.breaker.check()
+                    async with sem:
+                        # After taking a slot, so requests queued for one also wait out a
+                        # Retry-After that arrived while they queued.
+                        await self._respect_retry_after()
+                        return await self._request(client, system, labels, text)
+        except _Transient as e:
+            raise SpillUnavailable(
+                f"managed API unavailable after {s.spill_max_tries} tries: {e}"
+            ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _respect_retry_after(self) -> None:
+        delay = self._not_before - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+            await self._respect_retry_after()  # a later 429 may have moved the gate further
+
+    async def _request(
+        self, client: openai.AsyncOpenAI, system: str, labels: list[str], text: str
+    ) -> Any:
+        self.calls += 1
+        try:
+            async with asyncio.timeout(self.settings.spill_call_deadline_seconds):
+                response = await client.chat.completions.create(
+                    model=self.model,
+                    messages=[
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": text},
+                    ],
+                    response_format=response_schema(labels),  # type: ignore[call-overload]
+                    logprobs=True,
+                    temperature=0,
+                    max_tokens=self.settings.spill_max_tokens,
+                )
+        except openai.RateLimitError as e:
+            after = _retry_after(e.response.headers.get("retry-after"))
+            if after:
+                self._not_before = max(self._not_before, time.monotonic() + after)
+            raise _Transient("429 rate limited", retry_after=after) from e
+        except (openai.InternalServerError, openai.APIConnectionError, TimeoutError) as e:
+            self.breaker.failure()
+            raise _Transient(f"{type(e).__name__}: {e}") from e
+        except (openai.APIResponseValidationError, ValueError) as e:  # a body that is not JSON
+            self.breaker.failure()
+            raise _Transient(f"malformed response: {e}") from e
+        if not response.choices:
+            self.breaker.failure()
+            raise _Transient("response without choices")
+        self.breaker.success()
+        return response
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _confidence(choice: Any) -> float | None:
+    logprobs = getattr(choice, "logprobs", None)
+    content = getattr(logprobs, "content", None) if logprobs else None
+    if not content:
+        return None
+    return round(math.exp(sum(token.logprob for token in content)), 6)
