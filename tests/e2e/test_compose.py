@@ -121,3 +121,13 @@ def test_worker_uses_the_gpu_image_with_a_device_reservation() -> None:
 def test_flower_requires_credentials() -> None:
     env = _compose()["x-postroom-env"]
     assert ":?" in env["POSTROOM_FLOWER_BASIC_AUTH"]  # compose refuses to start without them
+
+
+def test_published_api_metrics_need_the_token() -> None:
+    compose = _compose()
+    assert ":?" in compose["x-postroom-env"]["POSTROOM_METRICS_TOKEN"]
+    scrape = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
+    (api,) = [job for job in scrape["scrape_configs"] if job["job_name"] == "api"]
+    assert api["authorization"]["credentials_file"] == "/etc/prometheus/metrics_token"
+    targets = [c["target"] for c in compose["services"]["prometheus"]["configs"]]
+    assert targets == ["/etc/prometheus/metrics_token"]
