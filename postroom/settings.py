@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     engine_dtype: str = "auto"
     engine_cpu_threads_bind: str = "0-1"
     engine_request_timeout_seconds: PositiveFloat = 600.0
+    # A shard is tokenised and handed to the engine this many documents at a time, so the engine
+    # starts on a shard's first documents while its thread tokenises the rest.
+    engine_submit_chunk: PositiveInt = 64
     doc_max_tokens: PositiveInt = 512
     choice_max_tokens: PositiveInt = 16
     embedding_temperature: PositiveFloat = 0.05

@@ -7,11 +7,13 @@ problems are results with an `error`; a dead engine is raised (fatal), never swa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +86,7 @@ class EngineClassifier:
         choice_max_tokens: int,
         embedding_temperature: float,
         timeout: float,
+        submit_chunk: int = 64,
         cache_size: int = 256,
     ) -> None:
         self.loop = loop
@@ -92,6 +95,7 @@ class EngineClassifier:
         self.choice_max_tokens = choice_max_tokens
         self.embedding_temperature = embedding_temperature
         self.timeout = timeout
+        self.submit_chunk = max(1, submit_chunk)
         self._cache: OrderedDict[uuid.UUID, _Prepared] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -103,18 +107,44 @@ class EngineClassifier:
         if engine is None:
             raise ModelNotHosted(f"this worker does not host model {spec.model!r}")
         prepared = self._prepare(job_id, spec, engine)
-        ids = [str(doc["id"]) for doc in docs]
-        tokens = engine.encode_batch([str(doc["text"]) for doc in docs])
-        if spec.mode == "embedding":
-            coro = self._embed_all(engine, prepared, spec, shard, ids, tokens)
-        elif prepared.layout is None:
+        if spec.mode != "embedding" and prepared.layout is None:
             reason = f"prompt_layout: {prepared.layout_error}"
-            return [DocResult(id=doc_id, error=reason) for doc_id in ids]
-        elif spec.decoding == "choice":
-            coro = self._choose_all(engine, prepared.layout, shard, ids, tokens)
-        else:
-            coro = self._score_all(engine, prepared.layout, shard, ids, tokens)
-        return self.loop.run(coro, timeout=self.timeout)
+            return [DocResult(id=str(doc["id"]), error=reason) for doc in docs]
+        # Tokenise a chunk, hand it to the engine, tokenise the next: the engine works on the
+        # shard's first documents while this thread tokenises the rest (off the event loop).
+        deadline = time.monotonic() + self.timeout
+        futures: list[concurrent.futures.Future[list[DocResult]]] = []
+        try:
+            for start in range(0, len(docs), self.submit_chunk):
+                part = docs[start : start + self.submit_chunk]
+                ids = [str(doc["id"]) for doc in part]
+                tokens = engine.encode_batch([str(doc["text"]) for doc in part])
+                futures.append(
+                    self.loop.submit(self._chunk(engine, prepared, spec, shard, ids, tokens))
+                )
+            results: list[DocResult] = []
+            for future in futures:
+                results.extend(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            return results
+        finally:
+            for future in futures:
+                future.cancel()  # a no-op once done; stops the rest after a failure or timeout
+
+    def _chunk(
+        self,
+        engine: EngineAdapter,
+        prepared: _Prepared,
+        spec: JobSpec,
+        shard: str,
+        ids: list[str],
+        tokens: list[list[int]],
+    ) -> Coroutine[Any, Any, list[DocResult]]:
+        if spec.mode == "embedding":
+            return self._embed_all(engine, prepared, spec, shard, ids, tokens)
+        assert prepared.layout is not None
+        if spec.decoding == "choice":
+            return self._choose_all(engine, prepared.layout, shard, ids, tokens)
+        return self._score_all(engine, prepared.layout, shard, ids, tokens)
 
     # -- per job, once
     def _prepare(self, job_id: uuid.UUID, spec: JobSpec, engine: EngineAdapter) -> _Prepared:

@@ -98,6 +98,7 @@ class EngineAdapter:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._seq = 0
+        self._score_params_cache: dict[tuple[int, ...], Any] = {}
         # What the engine holds right now, by shard: the evidence that shards share batches.
         self._inflight_by_shard: collections.Counter[str] = collections.Counter()
         self.inflight = 0
@@ -175,6 +176,12 @@ class EngineAdapter:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(self.path)
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None:
+                # encode_batch() calls the Rust tokenizer directly; it must not truncate or pad on
+                # its own (tokenizer.json may ask for both; transformers turns them off per call).
+                backend.no_truncation()
+                backend.no_padding()
             self._local.tokenizer = tok
         return tok
 
@@ -189,24 +196,45 @@ class EngineAdapter:
         return [], []
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids, no special tokens. Fast tokenizers go straight to Rust (ids only: no
+        offsets, masks or dicts built in Python); it holds the GIL only to hand the lists back."""
         if not texts:
             return []
-        out = self.tokenizer()(list(texts), add_special_tokens=False)["input_ids"]
+        tok = self.tokenizer()
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            encodings = backend.encode_batch_fast(list(texts), add_special_tokens=False)
+            return [encoding.ids for encoding in encodings]
+        out = tok(list(texts), add_special_tokens=False)["input_ids"]
         return [list(ids) for ids in out]
 
     # -- requests (called on the LoopThread)
+    def _score_params(self, allowed: Sequence[int]) -> Any:
+        """One SamplingParams per label set, reused (vLLM clones what it changes): one step,
+        logprobs over the allowed tokens only, no text (scoring reads token ids), final output."""
+        key = tuple(allowed)
+        params = self._score_params_cache.get(key)
+        if params is None:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=len(key),
+                allowed_token_ids=list(key),
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            if len(self._score_params_cache) >= 256:
+                self._score_params_cache.clear()
+            self._score_params_cache[key] = params
+        return params
+
     async def score(
         self, prompt_ids: list[int], allowed: Sequence[int], *, shard: str
     ) -> ScoreOutput:
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=len(allowed),
-            allowed_token_ids=list(allowed),
-        )
-        out = await self._generate(prompt_ids, params, shard=shard)
+        out = await self._generate(prompt_ids, self._score_params(allowed), shard=shard)
         completion = out.outputs[0]
         step = completion.logprobs[0] if completion.logprobs else {}
         return ScoreOutput(

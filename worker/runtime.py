@@ -109,6 +109,7 @@ class Runtime:
                 choice_max_tokens=self.settings.choice_max_tokens,
                 embedding_temperature=self.settings.embedding_temperature,
                 timeout=self.settings.engine_request_timeout_seconds,
+                submit_chunk=self.settings.engine_submit_chunk,
             )
         self._heartbeat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
         self._heartbeat.start()

