@@ -3,8 +3,10 @@
 A real HTTP server (FastAPI on uvicorn, loopback) for tests, benchmarks and `postroom demo`. It
 picks labels deterministically (the first label named in the document, else a hash) and can be
 told to misbehave through `POST /admin/faults`: 429 with Retry-After, 500s, malformed bodies,
-answers that are garbage or outside the label set, slow responses and hangs. `GET /admin/log`
-returns what it saw, so tests can check how clients behaved (e.g. no retry before Retry-After).
+answers that are garbage or outside the label set, slow responses and hangs, either for the first
+calls or for a share of all calls (a steady mix under load). `GET /admin/log` returns what it saw
+and which fault each call got, so tests can check how clients behaved (e.g. no retry before
+Retry-After).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 UNKNOWN_LABEL = "definitely-not-a-label"
 
@@ -28,14 +31,18 @@ UNKNOWN_LABEL = "definitely-not-a-label"
 @dataclass
 class Faults:
     rate_limit_first: int = 0  # the first N calls get 429
+    rate_limit_rate: float = 0.0  # share of all calls answered 429 (deterministic, like errors)
     retry_after: float = 1.0
     error_rate: float = 0.0  # share of calls answered 500 (deterministic: every k-th call)
     malformed_body_rate: float = 0.0  # share of calls whose HTTP body is not JSON
     garbage_marker: str = ""  # documents containing it get unparseable content
     outside_marker: str = ""  # documents containing it get a label outside the set
     latency: float = 0.0  # seconds before every answer
+    slow_rate: float = 0.0  # share of calls answered only after slow_seconds more
+    slow_seconds: float = 0.0
     hang_marker: str = ""  # documents containing it never get an answer
     hang_first: int = 0  # the first N calls never get an answer
+    hang_rate: float = 0.0  # share of all calls that never get an answer
     hang_seconds: float = 3600.0
 
 
@@ -46,6 +53,7 @@ class Call:
     finished: float = 0.0
     document: str = ""
     disconnected: bool = False
+    fault: str = ""  # injected: rate_limit, error, malformed, garbage, outside, slow or hang
 
 
 @dataclass
@@ -98,7 +106,11 @@ def create_standin(state: State | None = None) -> FastAPI:
         with state.lock:
             state.calls.append(call)
             index = len(state.calls)
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ClientDisconnect:  # the client died mid-request (the fault suite kills workers)
+            call.disconnected = True
+            return _done(call, Response(status_code=499))
         messages = body.get("messages") or []
         user = [m for m in messages if m.get("role") == "user"]
         document = str(user[-1]["content"]) if user else ""
@@ -107,11 +119,20 @@ def create_standin(state: State | None = None) -> FastAPI:
         try:
             if faults.latency:
                 await asyncio.sleep(faults.latency)
-            if (faults.hang_marker and faults.hang_marker in document) or (
-                index <= faults.hang_first
+            if _every(index, faults.slow_rate, offset=4):
+                call.fault = "slow"
+                await asyncio.sleep(faults.slow_seconds)
+            if (
+                (faults.hang_marker and faults.hang_marker in document)
+                or index <= faults.hang_first
+                or _every(index, faults.hang_rate, offset=3)
             ):
+                call.fault = "hang"
                 await asyncio.sleep(faults.hang_seconds)
-            if index <= faults.rate_limit_first:
+                # Past any client's deadline: what a gateway would say to a client long gone.
+                return _done(call, JSONResponse({"error": {"message": "timeout"}}, status_code=504))
+            if index <= faults.rate_limit_first or _every(index, faults.rate_limit_rate, offset=2):
+                call.fault = "rate_limit"
                 return _done(
                     call,
                     JSONResponse(
@@ -121,8 +142,10 @@ def create_standin(state: State | None = None) -> FastAPI:
                     ),
                 )
             if _every(index, faults.error_rate):
+                call.fault = "error"
                 return _done(call, JSONResponse({"error": {"message": "boom"}}, status_code=500))
             if _every(index, faults.malformed_body_rate, offset=1):
+                call.fault = "malformed"
                 return _done(
                     call,
                     Response(
@@ -140,9 +163,11 @@ def create_standin(state: State | None = None) -> FastAPI:
                 )
             label = pick_label(document, labels)
             if faults.outside_marker and faults.outside_marker in document:
+                call.fault = "outside"
                 label = UNKNOWN_LABEL
             content = json.dumps({key: label}) if key else json.dumps(label)
             if faults.garbage_marker and faults.garbage_marker in document:
+                call.fault = "garbage"
                 content = "{" + label
             prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
             choice: dict[str, Any] = {

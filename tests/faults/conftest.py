@@ -1,12 +1,13 @@
 """The fault stack: private Redis and Postgres, moto behind a TCP proxy, the API, `postroom beat`
-(the reaper) and a supervised worker, all started with the documented commands."""
+(reaper and router) and a supervised worker, all started with the documented commands; the spill
+scenario adds a supervised `postroom worker --route spill` against the stand-in managed API."""
 
 from __future__ import annotations
 
 import json
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,13 @@ from postroom.storage import Storage
 from postroom.tenants import create_key
 from postroom_cli.client import Client
 from postroom_cli.local import free_port, http_ok, postroom_command, settings_env, spawn, stop
+from postroom_cli.standin import StandinServer
 from tests.faults.harness import PrivatePostgres, PrivateRedis, Supervised, TcpProxy
 from tests.waiting import wait_until
 
 POISON = "\u2620POISON\u2620"
+# A registry alias no GPU worker of the stack serves: its jobs can only go through the spill route.
+SPILL_ONLY = "managed"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,18 @@ class Size:
 
 
 SIZES = {"ci": Size(docs=1500, kills=2, s3_outage=8.0), "full": Size(10_000, 3, 30.0)}
+# pytest's 300 s per test guards CI size; a full-size scenario (10,000 documents, the managed-API
+# one paced by its Retry-After pauses) takes longer than that on a small CPU machine.
+FULL_SIZE_TIMEOUT = 1800
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--fault-size") != "full":
+        return
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.timeout(FULL_SIZE_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +61,14 @@ def size(request: pytest.FixtureRequest) -> Size:
 
 
 class FaultStack:
-    def __init__(self, root: Path, tiny_model_dir: Path, s3_endpoint: str) -> None:
+    def __init__(
+        self, root: Path, tiny_model_dir: Path, s3_endpoint: str, standin: StandinServer
+    ) -> None:
         self.root = root
         self.redis = PrivateRedis(root / "redis")
         self.postgres = PrivatePostgres()
         self.proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+        self.standin = standin
         tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
         self.settings = Settings(
             environment="test",
@@ -60,7 +79,7 @@ class FaultStack:
             s3_access_key_id="testing",
             s3_secret_access_key="testing",
             s3_timeout_seconds=5.0,
-            models={**Settings().models, "tiny": tiny},
+            models={**Settings().models, "tiny": tiny, SPILL_ONLY: tiny},
             model="tiny",
             worker_models=["tiny"],
             shard_size=50,
@@ -77,6 +96,13 @@ class FaultStack:
             database_statement_timeout_ms=10_000,
             fault_poison_marker=POISON,
             worker_metrics_port=0,
+            # The managed API is the stand-in; the spill worker runs only in its own scenario.
+            spill_base_url=standin.url,
+            spill_model="standin",
+            spill_call_deadline_seconds=2.0,
+            spill_backoff_max_seconds=1.0,
+            spill_breaker_reset_seconds=2.0,
+            router_interval_seconds=1.0,
         )
         self.env = settings_env(self.settings)
         self.procs: list[Any] = []
@@ -105,16 +131,36 @@ class FaultStack:
         with self.sessions.begin() as session:
             self.client = Client(self.api_url, create_key(session=session, tenant="faults"))
 
-    def wait_worker_ready(self) -> None:
+    def wait_worker_ready(self, worker: Supervised | None = None) -> None:
+        """Until the (restarted) process has registered: with its engines up, for a GPU worker."""
         from postroom.db.models import Worker
 
-        def ready() -> bool:
-            pid = self.worker.proc.pid
-            with self.sessions() as session:
-                rows = session.execute(select(Worker.name, Worker.stats)).all()
-            return any(name.endswith(f":{pid}") and stats.get("engines") for name, stats in rows)
+        watched = worker or self.worker
 
-        wait_until(ready, timeout=240, what="fault worker engine")
+        def ready() -> bool:
+            pid = watched.proc.pid
+            with self.sessions() as session:
+                rows = session.execute(select(Worker.name, Worker.route, Worker.stats)).all()
+            return any(
+                name.endswith(f":{pid}") and (route == "spill" or stats.get("engines"))
+                for name, route, stats in rows
+            )
+
+        wait_until(ready, timeout=240, what=f"fault worker {' '.join(watched.args)} ready")
+
+    def start_spill_worker(self) -> Supervised:
+        """`postroom worker --route spill`, supervised like the GPU worker; stop() it after use."""
+        spill = Supervised(
+            postroom_command("worker", "--route", "spill"),
+            env=self.env,
+            log=self.root / "spill.log",
+        )
+        try:
+            self.wait_worker_ready(spill)
+        except TimeoutError:
+            spill.stop()
+            raise
+        return spill
 
     def stop(self) -> None:
         self.worker.stop()
@@ -127,19 +173,28 @@ class FaultStack:
 
     # -- helpers for scenarios
     def submit(
-        self, docs: int, *, poison_at: int | None = None, seed: int = 0
+        self,
+        docs: int,
+        *,
+        poison_at: int | None = None,
+        seed: int = 0,
+        marks: Mapping[int, str] | None = None,
+        options: Mapping[str, str] | None = None,
     ) -> tuple[uuid.UUID, set[str]]:
+        """Upload a job of `docs` random documents; `marks` appends a marker to the documents at
+        those line numbers (`poison_at` the poison marker), `options` are extra job fields."""
+        marks = {**(marks or {}), **({poison_at: POISON} if poison_at is not None else {})}
         rng = random.Random(seed)
         words = ("invoice", "charge", "login", "crash", "package", "late", "refund", "server")
         lines = []
         for i in range(docs):
             text = " ".join(rng.choices(words, k=rng.randint(20, 120)))
-            if i == poison_at:
-                text += " " + POISON
+            if i in marks:
+                text += " " + marks[i]
             lines.append({"id": f"f{seed}-{i:06d}", "text": text})
         path = self.root / f"job-{seed}.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        job = self.client.upload(path, {"labels": "billing,technical,shipping"})
+        job = self.client.upload(path, {"labels": "billing,technical,shipping", **(options or {})})
         return uuid.UUID(job["id"]), {line["id"] for line in lines}
 
     def finished_docs(self, job_id: uuid.UUID) -> int:
@@ -169,9 +224,12 @@ class FaultStack:
 
 @pytest.fixture(scope="session")
 def fault_stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, s3_endpoint: str
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+    s3_endpoint: str,
+    standin: StandinServer,
 ) -> Iterator[FaultStack]:
-    stack = FaultStack(tmp_path_factory.mktemp("faults"), tiny_model_dir, s3_endpoint)
+    stack = FaultStack(tmp_path_factory.mktemp("faults"), tiny_model_dir, s3_endpoint, standin)
     stack.start()
     yield stack
     stack.stop()

@@ -7,6 +7,7 @@ every document of every accepted job has exactly one result (Postgres rows and S
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 import uuid
@@ -18,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from postroom.db.models import Result, Shard
-from tests.faults.conftest import FaultStack, Size
+from tests.faults.conftest import SPILL_ONLY, FaultStack, Size
 from tests.faults.invariants import check
 from tests.waiting import wait_until
 
@@ -45,9 +46,9 @@ def _verify(stack: FaultStack, name: str, jobs: dict[uuid.UUID, set[str]], **ext
     )
     REPORT[name] = {
         **verdict.counts(),
-        **extra,
         "redeliveries": sum(_redeliveries(stack, job_id) for job_id in jobs),
         "restarts": stack.worker.restarts,
+        **extra,  # a scenario's own counts win (e.g. the restarts of the worker it broke)
         "seconds": round(time.monotonic() - started, 1),
     }
     assert verdict.clean, {k: v[:10] for k, v in verdict.__dict__.items() if isinstance(v, list)}
@@ -187,3 +188,87 @@ def test_poison_document_is_isolated(fault_stack: FaultStack) -> None:
     assert failed[0]["error"].startswith("poison:")
     job = fault_stack.client.job(str(job_id))
     assert job["counts"] == {**job["counts"], "succeeded": 199, "failed": 1, "pending": 0}
+
+
+# A steady mix of managed-API faults for the whole run (shares of all calls, so they keep coming
+# under load): 429 + Retry-After, 500s, bodies that are not JSON, slow answers, calls that never
+# answer (the 2 s call deadline ends them), plus documents whose answer is garbage or out of set.
+SPILL_FAULTS: dict[str, Any] = {
+    "rate_limit_rate": 0.06,
+    "retry_after": 0.5,
+    "error_rate": 0.07,
+    "malformed_body_rate": 0.04,
+    "slow_rate": 0.05,
+    "slow_seconds": 1.0,
+    "hang_rate": 0.01,
+    "hang_seconds": 6.0,
+    "garbage_marker": "GARBLE",
+    "outside_marker": "OFFSCRIPT",
+}
+
+
+def test_spill_route_under_managed_api_faults(fault_stack: FaultStack, size: Size) -> None:
+    started = time.monotonic()
+    spill = fault_stack.start_spill_worker()
+    fault_stack.standin.set_faults(**SPILL_FAULTS)
+    try:
+        # Given a job for an alias no GPU worker serves, spill "always": every shard goes through
+        # `postroom worker --route spill`; every 97th document gets an answer that is no label.
+        marks = {
+            i: ("GARBLE" if n % 2 else "OFFSCRIPT") for n, i in enumerate(range(40, size.docs, 97))
+        }
+        job_id, ids = fault_stack.submit(
+            size.docs, seed=8, marks=marks, options={"model": SPILL_ONLY, "spill": "always"}
+        )
+        # When the spill worker is killed once mid-run, with the faults still coming
+        fault_stack.wait_progress(job_id, size.docs // 3)
+        spill.kill9()
+        wait_until(lambda: spill.restarts >= 1, timeout=30, what="supervisor restarted spill")
+        fault_stack.wait_worker_ready(spill)
+        fault_stack.wait_completed(job_id)
+        calls = fault_stack.standin.calls()
+    finally:
+        fault_stack.standin.set_faults()
+        spill.stop()
+    injected = collections.Counter(c.fault for c in calls if c.fault)
+    results = list(fault_stack.client.results(str(job_id)))
+    failed = {r["id"]: r["error"] for r in results if r["error"]}
+    name = "spill: managed API faults + kill -9"
+    _verify(
+        fault_stack,
+        name,
+        {job_id: ids},
+        started=started,
+        kills=1,
+        restarts=spill.restarts,
+        api_calls=len(calls),
+        injected=dict(sorted(injected.items())),
+        failed=len(failed),
+    )
+    # Then every document went the spill route and has one result; out-of-set answers are
+    # per-document errors (asked twice), not lost and not a failed shard.
+    assert collections.Counter(r["route"] for r in results) == {"spill": size.docs}
+    assert set(failed) == {f"f8-{i:06d}" for i in marks}
+    assert all(e.startswith("answer_not_a_label") for e in failed.values()), failed
+    job = fault_stack.client.job(str(job_id))
+    assert job["counts"] == {
+        **job["counts"],
+        "succeeded": size.docs - len(marks),
+        "failed": len(marks),
+        "spilled": size.docs,
+        "pending": 0,
+    }
+    # Every kind of fault was injected under load, and the kill made the reaper hand shards back.
+    kinds = {"rate_limit", "error", "malformed", "slow", "hang", "garbage", "outside"}
+    assert set(injected) == kinds, injected
+    assert REPORT[name]["redeliveries"] >= 1
+    # A rate-limited document was never asked again before its Retry-After ran out (a 429 that
+    # took near the call deadline to arrive may have found its caller gone: not checked).
+    asked: dict[str, list[float]] = collections.defaultdict(list)
+    for c in calls:
+        asked[c.document].append(c.arrived)
+    prompt = fault_stack.settings.spill_call_deadline_seconds / 2
+    for c in calls:
+        if c.fault == "rate_limit" and c.finished - c.arrived < prompt:
+            again = [t for t in asked[c.document] if t > c.arrived]
+            assert not again or min(again) >= c.finished + SPILL_FAULTS["retry_after"] - 0.05
