@@ -100,11 +100,12 @@ def upsert_results(
 def iter_result_lines(
     *, session: Session, job_id: uuid.UUID, only_failed: bool = False, chunk: int = 2000
 ) -> Iterator[dict[str, Any]]:
-    """Every result of a job in input order, read with a server-side cursor."""
+    """Every result of a job in input order (its line in what the user sent, whatever shard it
+    ended in after a split), read with a server-side cursor."""
     query = (
         select(Result)
         .where(Result.job_id == job_id)
-        .order_by(Result.shard_no, Result.line)
+        .order_by(Result.line)
         .execution_options(yield_per=chunk)
     )
     if only_failed:

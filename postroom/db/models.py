@@ -140,7 +140,8 @@ class Result(Base):
         ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], ondelete="CASCADE", name="fk_results_job_id_jobs"
         ),
-        Index("ix_results_job_order", "job_id", "shard_no", "line"),
+        Index("ix_results_job_order", "job_id", "shard_no", "line"),  # a shard's results
+        Index("ix_results_job_line", "job_id", "line"),  # a job's results in input order
     )
 
     job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
