@@ -40,8 +40,10 @@ def queues_table(queues: list[dict[str, Any]]) -> Table:
     return table
 
 
-def workers_table(workers: list[dict[str, Any]]) -> Table:
-    table = Table(title="workers", title_justify="left", expand=True)
+def workers_table(workers: list[dict[str, Any]], per_route: dict[str, int] | None = None) -> Table:
+    counts = " · ".join(f"{n} {route}" for route, n in sorted((per_route or {}).items())) or "none"
+    title = f"workers alive: {counts}" + ("" if workers else " (details need an admin key)")
+    table = Table(title=title, title_justify="left", expand=True)
     for column in ("worker", "route", "models", "heartbeat", "shards", "docs/s", "engine"):
         table.add_column(column, justify="right" if column in ("shards", "docs/s") else "left")
     for w in workers:
@@ -102,7 +104,7 @@ def render(snapshot: dict[str, Any]) -> RenderableType:
     )
     return Group(
         queues_table(snapshot["queues"]),
-        workers_table(snapshot["workers"]),
+        workers_table(snapshot["workers"], snapshot.get("workers_alive")),
         jobs_table(snapshot["jobs"]),
         spill_line,
     )

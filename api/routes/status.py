@@ -1,9 +1,12 @@
 """/v1/status: the caller's jobs and the deployment's queues, workers and spill, in one snapshot
-(what `postroom status` shows). Everything is read from Postgres, the record."""
+(what `postroom status` shows). Everything is read from Postgres, the record. Every tenant sees
+the queues and how many workers are alive per route (what its ETA depends on); only admin keys
+see the workers themselves (host names, pids, engine stats)."""
 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -58,7 +61,8 @@ class SpillStatus(BaseModel):
 class StatusPublic(BaseModel):
     generated_at: datetime
     queues: list[QueueStatus]
-    workers: list[WorkerStatus]
+    workers_alive: dict[str, int] = Field(description="workers with a recent heartbeat, by route")
+    workers: list[WorkerStatus] = Field(description="every worker; admin keys only, else empty")
     jobs: list[JobPublic] = Field(
         description="the caller's unfinished jobs and those finished within `recent` seconds"
     )
@@ -131,6 +135,7 @@ def get_status(
 ) -> StatusPublic:
     """The caller's jobs (progress, rate, ETA) and the deployment's queues, workers and spill."""
     now = datetime.now(UTC)
+    workers = worker_statuses(session=session, now=now, dead_after=settings.gpu_dead_after)
     by_route = documents_by_route(session=session, since=now - timedelta(seconds=window))
     jobs = tenant_jobs(
         session=session, tenant_id=caller.tenant_id, since=now - timedelta(seconds=recent)
@@ -141,7 +146,8 @@ def get_status(
             QueueStatus(**depth.__dict__)
             for depth in queue_depths(session=session, queues=shard_queues(settings))
         ],
-        workers=worker_statuses(session=session, now=now, dead_after=settings.gpu_dead_after),
+        workers_alive=dict(sorted(Counter(w.route for w in workers if w.alive).items())),
+        workers=workers if caller.is_admin else [],
         jobs=[job_public(session=session, job=job, settings=settings) for job in jobs],
         spill=SpillStatus(window_seconds=window, documents=by_route, ratio=spill_ratio(by_route)),
     )
