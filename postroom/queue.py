@@ -11,6 +11,7 @@ from postroom.settings import Settings
 TASK_CLASSIFY_SHARD = "postroom.classify_shard"
 TASK_REAP = "postroom.reap"
 TASK_ROUTE = "postroom.route"
+TASK_INBOX = "postroom.inbox"
 QUEUE_SPILL = "spill"
 QUEUE_CONTROL = "control"
 GPU_QUEUE_PREFIX = "gpu"

@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import configure_logging
 from postroom.metrics import serve_metrics
-from postroom.queue import QUEUE_CONTROL, TASK_REAP, TASK_ROUTE, make_celery
+from postroom.queue import QUEUE_CONTROL, TASK_INBOX, TASK_REAP, TASK_ROUTE, make_celery
 from postroom.settings import Settings
 from postroom.storage import Storage
-from worker.inbox import TASK_INBOX, InboxCursor, InboxDeps, run_tick
+from worker.inbox import InboxCursor, InboxDeps, run_tick
 from worker.reaper import reap
 from worker.router import route_tick
 

@@ -97,7 +97,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TASK_INBOX = "postroom.inbox"
 READ_CHUNK = 1024 * 1024
 SPOOL_BYTES = 8 * 1024 * 1024
 BATCH = 100  # rows per query of the tick's retry, publish and finalize steps
