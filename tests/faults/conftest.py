@@ -194,7 +194,11 @@ class FaultStack:
             lines.append({"id": f"f{seed}-{i:06d}", "text": text})
         path = self.root / f"job-{seed}.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        job = self.client.upload(path, {"labels": "billing,technical,shipping", **(options or {})})
+        # GPU scenarios say spill "never": a worker restart slower than POSTROOM_GPU_DEAD_AFTER
+        # (a loaded machine) would otherwise rightly route the job to the spill route, which only
+        # the spill scenario runs a worker for.
+        fields = {"labels": "billing,technical,shipping", "spill": "never", **(options or {})}
+        job = self.client.upload(path, fields)
         return uuid.UUID(job["id"]), {line["id"] for line in lines}
 
     def finished_docs(self, job_id: uuid.UUID) -> int:
