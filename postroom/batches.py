@@ -633,15 +633,15 @@ def create_batch(
     )
     state = _Sorting(options_for=_options_factory(batch.id, window))
     writer = ShardWriter(storage, batch.id)
-    intake = new_intake(settings, writer)
+    intake = new_intake(settings, writer, on_invalid="skip")
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
         errors = _ErrorLines(batch.id, spool, keep=settings.max_error_details)
         try:
             for line, raw in enumerate(_file_lines(storage, input_file_id, settings), start=1):
                 if raw is None or raw.strip():
                     _add_line(raw, line, state, intake, errors, session, settings)
-                if writer.pending:
-                    writer.flush()
+                if writer.backlogged:
+                    writer.drain()
             intake.finish()
             failure = _file_failure(state, errors)
             if failure is not None:

@@ -7,9 +7,12 @@ before the commit leaves no job behind; shards in S3 under an uncommitted job id
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
+import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from postroom import tokens
 from postroom.costs import estimate
 from postroom.db.models import Job
 from postroom.domain import (
@@ -120,44 +124,79 @@ def prepare_spec(
     return spec, warnings
 
 
+_TOKENIZER_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=4096)
 def label_collisions(model_path: str, names: tuple[str, ...]) -> list[tuple[str, ...]]:
-    return first_token_collisions(_tokenizer(model_path), names)
-
-
-@functools.lru_cache(maxsize=16)
-def _tokenizer(model_path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
+    # Requests run in a thread pool; a Rust tokenizer must not encode in two threads at once.
+    with _TOKENIZER_LOCK:
+        return first_token_collisions(tokens.load(model_path), names)
 
 
 class ShardWriter:
-    """Collects full shards from Intake; `flush()` writes them to S3 (blocking)."""
+    """Takes full shards from Intake and writes them to S3 on background threads, so reading the
+    next lines overlaps the writes. At most `in_flight` shards wait in memory: a caller that sees
+    `backlogged` calls `drain()` (blocking), and `flush()` once at the end, which raises the first
+    write error."""
 
-    def __init__(self, storage: Storage, job_id: uuid.UUID) -> None:
+    def __init__(self, storage: Storage, job_id: uuid.UUID, *, in_flight: int = 4) -> None:
         self.storage = storage
         self.job_id = job_id
-        self.pending: list[tuple[int, bytes]] = []
+        self.in_flight = in_flight
         self.written = 0
+        self._futures: collections.deque[Future[None]] = collections.deque()
+        self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, shard_no: int, docs: list[dict[str, Any]]) -> None:
-        self.pending.append((shard_no, encode_jsonl(docs)))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
+        self._futures.append(self._pool.submit(self._put, shard_no, docs))
 
-    def flush(self) -> None:
-        while self.pending:
-            shard_no, body = self.pending.pop(0)
-            self.storage.put_bytes(input_shard_key(self.job_id, shard_no), body)
+    @property
+    def backlogged(self) -> bool:
+        return len(self._futures) >= self.in_flight
+
+    def drain(self, keep: int | None = None) -> None:
+        """Wait until at most `keep` writes (default: in_flight - 1) are still in flight."""
+        keep = self.in_flight - 1 if keep is None else keep
+        while len(self._futures) > keep:
+            self._futures.popleft().result()
             self.written += 1
 
+    def flush(self) -> None:
+        """Wait for every write; raises the first that failed."""
+        try:
+            self.drain(0)
+        finally:
+            self._close()
+
     def discard(self) -> None:
-        self.pending.clear()
-        if self.written:
+        """Wait for the writes in flight (ignoring their errors) and delete what was written."""
+        wrote = self.written > 0
+        while self._futures:
+            future = self._futures.popleft()
+            wrote = wrote or (future.exception() is None)
+        self._close()
+        if wrote:
             self.storage.delete_prefix(f"inputs/{self.job_id}/")
 
+    def _put(self, shard_no: int, docs: list[dict[str, Any]]) -> None:
+        self.storage.put_bytes(input_shard_key(self.job_id, shard_no), encode_jsonl(docs))
 
-def new_intake(settings: Settings, writer: ShardWriter) -> Intake:
-    return Intake(settings=settings, sink=writer, shard_size=settings.shard_size)
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def new_intake(settings: Settings, writer: ShardWriter, *, on_invalid: OnInvalid) -> Intake:
+    """An Intake for one job. A job refused on bad lines only shows the first few, so only
+    those are kept; under on_invalid=skip each bad line becomes a failed result and all are."""
+    keep = settings.max_error_details if on_invalid == "reject" else None
+    return Intake(
+        settings=settings, sink=writer, shard_size=settings.shard_size, keep_rejected=keep
+    )
 
 
 def check_intake(intake: Intake, options: JobOptions, *, settings: Settings) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from postroom import tokens
 from postroom.errors import EngineDeadError
 from postroom.settings import ModelSpec, Settings
 from worker.slots import FairSlots
@@ -178,10 +179,7 @@ class EngineAdapter:
             tok = AutoTokenizer.from_pretrained(self.path)
             backend = getattr(tok, "backend_tokenizer", None)
             if backend is not None:
-                # encode_batch() calls the Rust tokenizer directly; it must not truncate or pad on
-                # its own (tokenizer.json may ask for both; transformers turns them off per call).
-                backend.no_truncation()
-                backend.no_padding()
+                tokens.plain(backend)  # encode_batch() calls the Rust tokenizer directly
             self._local.tokenizer = tok
         return tok
 
@@ -203,8 +201,7 @@ class EngineAdapter:
         tok = self.tokenizer()
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:
-            encodings = backend.encode_batch_fast(list(texts), add_special_tokens=False)
-            return [encoding.ids for encoding in encodings]
+            return tokens.encode_ids(backend, texts)
         out = tok(list(texts), add_special_tokens=False)["input_ids"]
         return [list(ids) for ids in out]
 

@@ -414,14 +414,14 @@ def stream_object(
     """Feed the object through LineSplitter and Intake, writing each full shard to S3 as it
     fills; memory holds one chunk, one shard and the ids seen. Keeps the claim's lease fresh."""
     settings = deps.settings
-    intake = new_intake(settings, writer)
+    intake = new_intake(settings, writer, on_invalid=options.on_invalid)
     splitter = LineSplitter(settings.max_document_bytes)
     renew_every = settings.inbox_lease_seconds / 3
     renew_at = time.monotonic() + renew_every
     with contextlib.closing(object_chunks(deps, obj)) as chunks:
         for chunk in chunks:
             feed_lines(intake, splitter.feed(chunk))
-            writer.flush()
+            writer.drain()
             _refuse_early(intake, obj, options, settings)
             if time.monotonic() >= renew_at:
                 _renew(deps, obj, attempt=attempt)

@@ -200,7 +200,7 @@ def create_job(
     spec, warnings = prepare_spec(body, session=session, settings=settings)
     job_id = uuid.uuid4()
     writer = ShardWriter(storage, job_id)
-    intake = new_intake(settings, writer)
+    intake = new_intake(settings, writer, on_invalid=body.on_invalid)
     # The documents as parsed by _raw_body, where duplicate keys and NaN are still visible.
     documents = raw.get("documents") if isinstance(raw, dict) else None
     for doc in documents if isinstance(documents, list) else body.documents:
@@ -249,7 +249,7 @@ def _create_from_uri(
     spec, warnings = prepare_spec(body, session=session, settings=settings)
     job_id = uuid.uuid4()
     writer = ShardWriter(storage, job_id)
-    intake = new_intake(settings, writer)
+    intake = new_intake(settings, writer, on_invalid=body.on_invalid)
     try:
         etag = _read_object(storage, bucket, key, uri=body.input_uri, intake=intake, writer=writer)
         intake.finish()
@@ -352,7 +352,7 @@ def _read_object(
     try:
         for chunk in body.iter_chunks(CHUNK_BYTES):
             stream.feed(chunk)
-            writer.flush()
+            writer.drain()
         stream.end()
     except (BotoCoreError, ClientError) as e:
         raise Unavailable(f"reading {name} from S3 failed ({e.__class__.__name__}); retry") from e
@@ -491,7 +491,7 @@ async def upload_job(
     spec, warnings = await run_in_threadpool(_prepare, sessions, options, settings)
     job_id = uuid.uuid4()
     writer = ShardWriter(storage, job_id)
-    intake = new_intake(settings, writer)
+    intake = new_intake(settings, writer, on_invalid=options.on_invalid)
     hasher = hashlib.sha256(options.model_dump_json().encode())
     try:
         chunks, gzip, name = await _body_source(request)
@@ -499,8 +499,8 @@ async def upload_job(
         async for chunk in chunks:
             hasher.update(chunk)
             stream.feed(chunk)
-            if writer.pending:
-                await run_in_threadpool(writer.flush)
+            if writer.backlogged:
+                await run_in_threadpool(writer.drain)
         stream.end()
         intake.finish()
         check_intake(intake, options, settings=settings)

@@ -11,6 +11,7 @@ import pytest
 from postroom.errors import InvalidInput, PayloadTooLarge
 from postroom.intake import (
     Gunzip,
+    IdSet,
     Intake,
     LineSplitter,
     LineStream,
@@ -177,3 +178,44 @@ def test_line_stream_holds_uploads_to_the_size_limit_after_decompression() -> No
     stream.feed(body[:900])
     with pytest.raises(PayloadTooLarge, match=r"the request body is over 1,000 bytes"):
         stream.feed(body[900:])
+
+
+def test_id_set_grows_and_never_forgets() -> None:
+    ids = IdSet(capacity=4)
+    added = [ids.add(f"doc-{i}") for i in range(50_000)]
+    assert all(added)
+    assert len(ids) == 50_000
+    assert "doc-0" in ids
+    assert "doc-49999" in ids
+    assert "doc-50000" not in ids
+    assert not ids.add("doc-123")
+    assert len(ids) == 50_000
+    assert ids.add(
+        "doc-\ud800"
+    )  # a lone surrogate hashes instead of raising (it is rejected later)
+
+
+def test_duplicate_ids_are_rejected_past_the_id_set_growth() -> None:
+    intake, _shards = _intake(shard_size=1000)
+    for i in range(3000):
+        intake.add_line(json.dumps({"id": i, "text": "t"}).encode())
+    intake.add_line(json.dumps({"id": "7", "text": "again"}).encode())
+    intake.finish()
+    assert intake.accepted == 3000
+    assert intake.details() == [
+        {
+            "line": 3001,
+            "reason": "duplicate id; every document id in a job must be unique",
+            "field": "id",
+            "id": "7",
+        }
+    ]
+
+
+def test_a_refused_job_keeps_only_the_rejected_lines_it_shows() -> None:
+    intake, _ = _intake(shard_size=10)
+    intake.keep_rejected = 3
+    for i in range(100):
+        intake.add_line(b"not json" if i % 2 else json.dumps({"id": i, "text": "t"}).encode())
+    assert intake.rejected_count == 50
+    assert [r.line for r in intake.rejected] == [2, 4, 6]
