@@ -176,6 +176,9 @@ class Settings(BaseSettings):
     # -- router (`postroom beat`): when to spill
     router_interval_seconds: PositiveFloat = 3.0
     router_drain_window_seconds: PositiveFloat = 60.0
+    # Hysteresis: a shard spills only when the managed API would finish it this many times sooner
+    # than the GPUs, and comes back only when the GPUs would, so it never goes back and forth.
+    router_spill_margin: float = Field(default=1.25, gt=1.0)
 
     # -- cost
     spill_price_input_per_mtok: float = Field(default=0.15, ge=0)

@@ -1,16 +1,24 @@
-"""Beat task: decide which not-yet-claimed shards go to the managed API (the `spill` queue).
+"""Beat task: decide which not-yet-claimed shards wait for the GPUs and which go to the managed API
+(the `spill` queue), and take spilled shards back when the GPUs would finish them sooner.
 
 - `always`: every unclaimed shard spills. `never`: none, ever.
 - `auto`: all unclaimed shards spill when no GPU worker serving the job's model has sent a heartbeat
-  for `gpu_dead_after` seconds. Otherwise, for a job with a deadline, the GPU drain rate (documents
-  finished on the GPU route over the last `router_drain_window_seconds`) and the documents ahead of
-  it in its queue say how many of its documents the GPUs can finish in time; the rest (the last,
-  marginal shards) spill.
+  for `gpu_dead_after` seconds. Otherwise a shard goes where it would finish sooner. Each route's
+  drain rate is measured (documents finished on it in the last `router_drain_window_seconds`); a
+  shard's finish on a route is (documents ahead of it there + its own) / that rate. A shard of a
+  job with a deadline stays on the GPUs if they finish it in time; if not, it spills only when the
+  managed API would finish it `router_spill_margin` times sooner (until spill has finished
+  something in the window it counts as instant: what the GPUs cannot finish in time spills).
+  Each tick, unclaimed spilled shards of `auto` jobs whose GPUs are up come back, from the end of
+  the spill backlog, while the GPUs would finish them `router_spill_margin` times sooner, so the
+  GPUs never idle while a slower managed API drains a deep queue. The margin on both sides keeps
+  a shard moved one way from moving back with the same numbers.
 - `max_spill_cost` caps what a job may spend: spilled shards are costed with the job's estimate,
   and past the cap the job waits for the GPUs and says so in `router_note`.
 
-Moving a shard is a compare-and-set on its queue (only while it is unclaimed), and a worker only
-claims shards of its own route, so a shard is never worked by both. Running the task twice is safe.
+Moving a shard is a compare-and-set on its queue (only while it is unclaimed and still on the route
+it leaves), and a worker only claims shards of its own route (`postroom.jobs.claim_shard`), so a
+shard is never worked by both. Running the task twice is safe.
 """
 
 from __future__ import annotations
@@ -44,33 +52,96 @@ class Decision:
     shards: list[int]
     docs: int
     reason: str
+    action: str = "spill"  # or "take_back"
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """An unclaimed shard in the spill queue; `home` is the GPU queue it may go back to (None: it
+    stays, because its job is `always` or its GPUs are down)."""
+
+    job_id: uuid.UUID
+    shard_no: int
+    docs: int
+    home: str | None
 
 
 def plan_deadline(
-    unclaimed: list[tuple[int, int]], *, ahead: int, rate: float, seconds_left: float
+    unclaimed: list[tuple[int, int]],
+    *,
+    ahead: int,
+    rate: float,
+    seconds_left: float,
+    spill_ahead: int = 0,
+    spill_rate: float | None = None,
+    margin: float = 1.0,
 ) -> tuple[list[int], int]:
-    """Keep the first shards the GPUs can finish in time; return (shards to spill, docs kept).
+    """Choose which shards of one job spill; return (shards to spill, docs kept on the GPUs).
 
-    `unclaimed` is (shard_no, docs) in queue order; `ahead` documents are before them.
+    `unclaimed` is (shard_no, docs) in queue order. `ahead` documents are before them on the GPUs,
+    which drain `rate` docs/s; `spill_ahead` documents wait or run on the spill route, which drains
+    `spill_rate` docs/s (None: not measured yet, so spill counts as instant). A shard the GPUs
+    finish before the deadline stays; one they do not spills only if spill would finish it `margin`
+    times sooner than the GPUs.
     """
-    capacity = rate * max(seconds_left, 0.0) - ahead
-    kept = 0
-    spill: list[int] = []
+    kept = spilled = 0
+    to_spill: list[int] = []
     for shard_no, docs in unclaimed:
-        if not spill and kept + docs <= capacity:
-            kept += docs
+        gpu_finish = (ahead + kept + docs) / rate
+        if gpu_finish > seconds_left and (
+            spill_rate is None or (spill_ahead + spilled + docs) / spill_rate * margin < gpu_finish
+        ):
+            to_spill.append(shard_no)
+            spilled += docs
         else:
-            spill.append(shard_no)
-    return spill, kept
+            kept += docs
+    return to_spill, kept
+
+
+def plan_take_back(
+    backlog: list[Spilled],
+    *,
+    running: int,
+    spill_rate: float | None,
+    ahead: dict[str, int],
+    rates: dict[str, float],
+    margin: float,
+) -> list[Spilled]:
+    """Choose the spilled shards the GPUs would finish `margin` times sooner than spill would.
+
+    `backlog` is the spill queue's unclaimed shards in the order spill workers take them, behind
+    `running` documents being worked there; `ahead` documents wait or run on each GPU queue, which
+    drains `rates` docs/s. Shards come back from the end of the backlog (the last that spill would
+    reach): a shard's spill finish is the documents up to and including it over `spill_rate`, and
+    its GPU finish counts the shards already taken back before it. Before spill is measured,
+    nothing comes back.
+    """
+    if not spill_rate:
+        return []
+    ahead = dict(ahead)
+    position = running + sum(shard.docs for shard in backlog)
+    back: list[Spilled] = []
+    for shard in reversed(backlog):
+        rate = rates.get(shard.home) if shard.home else None
+        if shard.home and rate:
+            gpu_finish = (ahead.get(shard.home, 0) + shard.docs) / rate
+            if gpu_finish * margin < position / spill_rate:
+                back.append(shard)
+                ahead[shard.home] = ahead.get(shard.home, 0) + shard.docs
+        # Taking a shard back leaves the positions of the shards before it as they were.
+        position -= shard.docs
+    return back
 
 
 def route_tick(
     *, sessions: sessionmaker[Session], celery: Celery, settings: Settings
 ) -> list[Decision]:
+    """Spill what should spill, then take back what the GPUs would finish sooner."""
     now = datetime.now(UTC)
+    margin = settings.router_spill_margin
     with sessions() as session:
         alive = _alive_aliases(session, now - timedelta(seconds=settings.gpu_dead_after))
-        rates = _drain_rates(session, now, settings.router_drain_window_seconds)
+        rates, spill_rate = _drain_rates(session, now, settings.router_drain_window_seconds)
         jobs = session.execute(
             select(
                 Job.id,
@@ -81,21 +152,28 @@ def route_tick(
                 Job.estimate,
                 Job.created_at,
             )
-            .where(Job.status.in_(JOB_ACTIVE), Job.spill != "never")
+            .where(Job.status.in_(JOB_ACTIVE))
             .order_by(Job.created_at)
         ).all()
         waiting = _unclaimed(session, [j.id for j in jobs])
-        running = _running_docs(session)
+        ahead = _running_docs(session)
+        spilled = _spill_backlog(session)
+    # The GPU queue a spilled shard may go back to: only `auto` jobs whose GPUs are up.
+    homes = {j.id: gpu_queue(j.model) for j in jobs if j.spill == "auto" and j.model in alive}
+    backlog = [Spilled(job_id, no, docs, homes.get(job_id)) for job_id, no, docs in spilled]
+    spill_running = ahead.pop(QUEUE_SPILL, 0)
+    spill_docs = spill_running + sum(s.docs for s in backlog)
+    spill_says = f"spill drains {spill_rate:.1f} docs/s" if spill_rate else "spill not measured yet"
     decisions: list[Decision] = []
-    ahead: dict[str, int] = dict(running)
     for job in jobs:
         queue = gpu_queue(job.model)
         shards = waiting.get(job.id, [])
-        if not shards:
-            continue
+        docs_by_shard = dict(shards)
         reason = ""
         to_spill: list[int] = []
-        if job.spill == "always":
+        if job.spill == "never":
+            pass
+        elif job.spill == "always":
             to_spill, reason = [s for s, _ in shards], "always: the job's policy"
         elif job.model not in alive:
             to_spill = [s for s, _ in shards]
@@ -105,22 +183,50 @@ def route_tick(
             )
         elif job.deadline is not None and rates.get(queue):
             seconds_left = (job.deadline - now).total_seconds()
-            to_spill, kept = plan_deadline(
-                shards, ahead=ahead.get(queue, 0), rate=rates[queue], seconds_left=seconds_left
+            to_spill, _ = plan_deadline(
+                shards,
+                ahead=ahead.get(queue, 0),
+                rate=rates[queue],
+                seconds_left=seconds_left,
+                spill_ahead=spill_docs,
+                spill_rate=spill_rate,
+                margin=margin,
             )
-            ahead[queue] = ahead.get(queue, 0) + kept
             reason = (
-                f"deadline: due in {seconds_left:.0f}s: GPUs drain {rates[queue]:.1f} docs/s with "
-                f"{ahead.get(queue, 0)} docs ahead"
+                f"deadline: due in {seconds_left:.0f}s: GPUs drain {rates[queue]:.1f} docs/s "
+                f"with {ahead.get(queue, 0)} docs ahead; {spill_says} with {spill_docs} docs ahead"
             )
-        else:
-            ahead[queue] = ahead.get(queue, 0) + sum(d for _, d in shards)
-        if not to_spill:
-            continue
-        to_spill, note = _within_budget(sessions, settings, job, dict(shards), to_spill)
+        moved: list[int] = []
         if to_spill:
-            decisions.append(_spill(sessions, celery, job.id, to_spill, dict(shards), reason))
-        _note(sessions, job.id, note)
+            to_spill, note = _within_budget(sessions, settings, job, docs_by_shard, to_spill)
+            if to_spill:
+                decision = _spill(sessions, celery, job.id, to_spill, docs_by_shard, reason)
+                decisions.append(decision)
+                moved = decision.shards
+                spill_docs += decision.docs
+                backlog += [Spilled(job.id, s, docs_by_shard[s], homes.get(job.id)) for s in moved]
+            _note(sessions, job.id, note)
+        # What stays waits on the GPU queue, ahead of the next job's shards.
+        stays = sum(docs_by_shard.values()) - sum(docs_by_shard[s] for s in moved)
+        ahead[queue] = ahead.get(queue, 0) + stays
+    back = plan_take_back(
+        backlog,
+        running=spill_running,
+        spill_rate=spill_rate,
+        ahead=ahead,
+        rates=rates,
+        margin=margin,
+    )
+    by_job: dict[uuid.UUID, list[Spilled]] = {}
+    for shard in back:
+        by_job.setdefault(shard.job_id, []).append(shard)
+    for job_id, taken in by_job.items():
+        home = taken[0].home or ""
+        reason = (
+            f"gpu sooner: GPUs ({home}) drain {rates[home]:.1f} docs/s with {ahead.get(home, 0)} "
+            f"docs ahead; {spill_says} with {spill_docs} docs ahead"
+        )
+        decisions.append(_take_back(sessions, celery, job_id, taken, home, reason))
     return decisions
 
 
@@ -131,17 +237,22 @@ def _alive_aliases(session: Session, since: datetime) -> set[str]:
     return {alias for models in rows for alias in models}
 
 
-def _drain_rates(session: Session, now: datetime, window: float) -> dict[str, float]:
+def _drain_rates(
+    session: Session, now: datetime, window: float
+) -> tuple[dict[str, float], float | None]:
+    """Docs/s finished over the window on each GPU queue, and on spill (None: nothing finished)."""
     rows = session.execute(
-        select(Shard.queue, func.sum(Shard.doc_count))
+        select(Shard.route, Shard.queue, func.sum(Shard.doc_count))
         .where(
-            Shard.route == "gpu",
+            Shard.route.in_(("gpu", "spill")),
             Shard.state == ShardState.done,
             Shard.finished_at >= now - timedelta(seconds=window),
         )
-        .group_by(Shard.queue)
+        .group_by(Shard.route, Shard.queue)
     ).all()
-    return {queue: float(docs) / window for queue, docs in rows if docs}
+    gpu = {queue: float(docs) / window for route, queue, docs in rows if route == "gpu" and docs}
+    spill = sum(int(docs) for route, _, docs in rows if route == "spill" and docs)
+    return gpu, (spill / window if spill else None)
 
 
 def _unclaimed(
@@ -165,12 +276,29 @@ def _unclaimed(
 
 
 def _running_docs(session: Session) -> dict[str, int]:
+    """Documents of shards being worked, per queue (each GPU queue, and spill)."""
     rows = session.execute(
         select(Shard.queue, func.sum(Shard.doc_count))
-        .where(Shard.state == ShardState.running, Shard.queue != QUEUE_SPILL)
+        .where(Shard.state == ShardState.running)
         .group_by(Shard.queue)
     ).all()
     return {queue: int(docs) for queue, docs in rows}
+
+
+def _spill_backlog(session: Session) -> list[tuple[uuid.UUID, int, int]]:
+    """Unclaimed shards of active jobs in the spill queue, as (job_id, shard_no, docs), in the
+    order spill workers take them: by publish time, the not yet published last."""
+    rows = session.execute(
+        select(Shard.job_id, Shard.shard_no, Shard.doc_count)
+        .join(Job, Job.id == Shard.job_id)
+        .where(
+            Job.status.in_(JOB_ACTIVE),
+            Shard.state.in_(SHARD_CLAIMABLE),
+            Shard.queue == QUEUE_SPILL,
+        )
+        .order_by(Shard.enqueued_at.asc().nulls_last(), Job.created_at, Shard.shard_no)
+    ).all()
+    return [(job_id, shard_no, docs) for job_id, shard_no, docs in rows]
 
 
 def _within_budget(
@@ -214,6 +342,44 @@ def _within_budget(
     return allowed, None
 
 
+def _move(
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    job_id: uuid.UUID,
+    shard_nos: list[int],
+    to_queue: str,
+) -> list[int]:
+    """Move unclaimed shards between routes and ring the doorbell on the new queue.
+
+    A compare-and-set: only shards still unclaimed and still on the other route move, so a shard a
+    worker claimed meanwhile stays where it is. Returns the shard numbers that moved.
+    """
+    leaving = Shard.queue != QUEUE_SPILL if to_queue == QUEUE_SPILL else Shard.queue == QUEUE_SPILL
+    with sessions.begin() as session:
+        moved = session.scalars(
+            update(Shard)
+            .where(
+                Shard.job_id == job_id,
+                Shard.shard_no.in_(shard_nos),
+                Shard.state.in_(SHARD_CLAIMABLE),
+                leaving,
+            )
+            .values(queue=to_queue, enqueued_at=None)
+            .returning(Shard.shard_no)
+        ).all()
+    published = []
+    try:
+        for shard_no in sorted(moved):
+            publish_shard(celery, job_id=str(job_id), shard_no=shard_no, queue=to_queue)
+            published.append((job_id, shard_no))
+    except (BrokerError, OSError) as e:  # the reaper publishes the rest (enqueued_at is NULL)
+        logger.warning("router: publishing to %s stopped: %s", to_queue, e)
+    if published:
+        with sessions.begin() as session:
+            mark_published(session=session, shards=published)
+    return sorted(moved)
+
+
 def _spill(
     sessions: sessionmaker[Session],
     celery: Celery,
@@ -222,36 +388,37 @@ def _spill(
     docs_by_shard: dict[int, int],
     reason: str,
 ) -> Decision:
-    with sessions.begin() as session:
-        moved = session.scalars(
-            update(Shard)
-            .where(
-                Shard.job_id == job_id,
-                Shard.shard_no.in_(shard_nos),
-                Shard.state.in_(SHARD_CLAIMABLE),
-                Shard.queue != QUEUE_SPILL,
-            )
-            .values(queue=QUEUE_SPILL, enqueued_at=None)
-            .returning(Shard.shard_no)
-        ).all()
-    published = []
-    try:
-        for shard_no in moved:
-            publish_shard(celery, job_id=str(job_id), shard_no=shard_no, queue=QUEUE_SPILL)
-            published.append((job_id, shard_no))
-    except (BrokerError, OSError) as e:  # the reaper publishes the rest (enqueued_at is NULL)
-        logger.warning("router: publishing to spill stopped: %s", e)
-    if published:
-        with sessions.begin() as session:
-            mark_published(session=session, shards=published)
+    moved = _move(sessions, celery, job_id, shard_nos, QUEUE_SPILL)
     docs = sum(docs_by_shard[s] for s in moved)
-    kind = reason.split(":")[0]
-    ROUTER_DECISIONS.labels(decision="spill", reason=kind).inc()
+    ROUTER_DECISIONS.labels(decision="spill", reason=reason.split(":")[0]).inc()
     SPILLED_SHARDS.inc(len(moved))
     logger.info(
         "router: job %s: %d shards (%d docs) to spill: %s", job_id, len(moved), docs, reason
     )
-    return Decision(job_id=job_id, shards=list(moved), docs=docs, reason=reason)
+    return Decision(job_id=job_id, shards=moved, docs=docs, reason=reason)
+
+
+def _take_back(
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    job_id: uuid.UUID,
+    shards: list[Spilled],
+    home: str,
+    reason: str,
+) -> Decision:
+    docs_by_shard = {s.shard_no: s.docs for s in shards}
+    moved = _move(sessions, celery, job_id, list(docs_by_shard), home)
+    docs = sum(docs_by_shard[s] for s in moved)
+    ROUTER_DECISIONS.labels(decision="take_back", reason=reason.split(":")[0]).inc()
+    logger.info(
+        "router: job %s: %d shards (%d docs) back to %s: %s",
+        job_id,
+        len(moved),
+        docs,
+        home,
+        reason,
+    )
+    return Decision(job_id=job_id, shards=moved, docs=docs, reason=reason, action="take_back")
 
 
 def _note(sessions: sessionmaker[Session], job_id: uuid.UUID, note: str | None) -> None:

@@ -1,0 +1,306 @@
+"""The router sends a shard where it finishes sooner: planning (pure) and a tick against real
+Postgres and Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from prometheus_client import REGISTRY
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.models import Job, Shard, Worker
+from postroom.queue import QUEUE_SPILL, gpu_queue, make_celery, queue_depth
+from postroom.settings import Settings
+from postroom.tenants import ensure_tenant
+from worker.router import Spilled, plan_deadline, plan_take_back, route_tick
+
+MARGIN = 1.25
+SHARDS = [(n, 100) for n in range(8)]
+
+
+def _old_plan(
+    unclaimed: list[tuple[int, int]], *, ahead: int, rate: float, seconds_left: float
+) -> tuple[list[int], int]:
+    """The rule before spill was measured: spill what the GPUs cannot finish in time."""
+    capacity = rate * max(seconds_left, 0.0) - ahead
+    kept, spill = 0, list[int]()
+    for shard_no, docs in unclaimed:
+        if not spill and kept + docs <= capacity:
+            kept += docs
+        else:
+            spill.append(shard_no)
+    return spill, kept
+
+
+# -- planning a deadline
+
+
+def test_a_deadline_the_gpus_meet_spills_nothing() -> None:
+    # 800 docs behind 200 at 100 docs/s: done in 10 s, due in 12 s; spill would be faster still
+    spill, kept = plan_deadline(
+        SHARDS, ahead=200, rate=100, seconds_left=12, spill_rate=1000, margin=MARGIN
+    )
+    assert (spill, kept) == ([], 800)
+
+
+def test_an_unmeetable_deadline_spills_nothing_to_a_slower_spill_route() -> None:
+    # The deadline has passed and 4,000 docs wait on GPUs draining 400 docs/s (10 s); spill drains
+    # 40 docs/s behind 2,000 docs (50 s): every shard finishes sooner where it is.
+    spill, kept = plan_deadline(
+        SHARDS,
+        ahead=4000,
+        rate=400,
+        seconds_left=-5,
+        spill_ahead=2000,
+        spill_rate=40,
+        margin=MARGIN,
+    )
+    assert (spill, kept) == ([], 800)
+
+
+def test_an_unmeetable_deadline_spills_only_what_spill_finishes_sooner() -> None:
+    # GPUs: 100 docs/s behind 1,000 docs (11 s for the first shard). Spill: 25 docs/s, empty, so
+    # a shard takes 4 s there and the n-th waits n x 4 s.
+    spill, kept = plan_deadline(
+        SHARDS, ahead=1000, rate=100, seconds_left=5, spill_rate=25, margin=MARGIN
+    )
+    # Spill finishes (x 1.25) 5, 10, then 15 s, against GPU finishes 11, 11, 11, 12, … 16 s:
+    # shards 0 and 1 spill, 2 to 6 stay, and 7 spills too (15 s against 16 s).
+    assert spill == [0, 1, 7]
+    assert kept == 500
+
+
+def test_without_a_spill_measurement_what_the_gpus_cannot_finish_spills() -> None:
+    for ahead in (0, 150, 400, 2000):
+        for seconds_left in (-1.0, 0.0, 2.5, 6.0, 30.0):
+            args: dict[str, Any] = {"ahead": ahead, "rate": 100, "seconds_left": seconds_left}
+            # However deep the spill backlog is, an unmeasured spill route counts as instant.
+            new = plan_deadline(SHARDS, **args, spill_ahead=10**6, spill_rate=None)
+            assert new == _old_plan(SHARDS, **args), args
+    assert plan_deadline(SHARDS, ahead=50, rate=100, seconds_left=3) == ([2, 3, 4, 5, 6, 7], 200)
+
+
+# -- taking spilled shards back
+
+
+def _backlog(job: uuid.UUID, shards: list[tuple[int, int]], home: str | None) -> list[Spilled]:
+    return [Spilled(job, shard_no, docs, home) for shard_no, docs in shards]
+
+
+def test_an_idle_gpu_takes_back_the_end_of_a_slow_spill_backlog() -> None:
+    job, other = uuid.uuid4(), uuid.uuid4()
+    # Spill works 100 docs and then these 8 shards at 20 docs/s; the GPUs drain 100 docs/s and
+    # hold 200 docs. Shard 7 of an `always` job sits between them and must stay.
+    backlog = [
+        *_backlog(job, SHARDS[:7], "gpu.m"),
+        *_backlog(other, [(7, 100)], None),
+        *_backlog(job, SHARDS[7:], "gpu.m"),
+    ]
+    back = plan_take_back(
+        backlog,
+        running=100,
+        spill_rate=20,
+        ahead={"gpu.m": 200},
+        rates={"gpu.m": 100.0},
+        margin=MARGIN,
+    )
+    # From the end while (GPU finish) x 1.25 < spill finish: shard 7 (50 s on spill, 3 s on the
+    # GPUs), past the `always` shard, then shard n < 7 (5 (n + 2) s on spill, 10 - n s on the
+    # GPUs behind those taken back) down to shard 1; shard 0 stays (10 s against 10 s x 1.25).
+    assert [(s.job_id, s.shard_no) for s in back] == [(job, n) for n in (7, 6, 5, 4, 3, 2, 1)]
+
+
+def test_nothing_comes_back_without_a_spill_measurement_or_a_gpu_rate() -> None:
+    backlog = _backlog(uuid.uuid4(), SHARDS, "gpu.m")
+    common: dict[str, Any] = {"running": 0, "ahead": {}, "margin": MARGIN}
+    assert plan_take_back(backlog, spill_rate=None, rates={"gpu.m": 100.0}, **common) == []
+    assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.other": 100.0}, **common) == []
+    assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.m": 100.0}, **common)
+
+
+@pytest.mark.parametrize("spill_rate", [5.0, 20.0, 60.0, 150.0, 400.0])
+@pytest.mark.parametrize("ahead", [0, 300, 1500, 6000])
+def test_plan_then_take_back_with_the_same_numbers_moves_nothing(
+    spill_rate: float, ahead: int
+) -> None:
+    job = uuid.uuid4()
+    running = 200
+    # Given a job due now whose shards the router splits between the routes …
+    spill, kept = plan_deadline(
+        SHARDS,
+        ahead=ahead,
+        rate=100,
+        seconds_left=0,
+        spill_ahead=running,
+        spill_rate=spill_rate,
+        margin=MARGIN,
+    )
+    if spill_rate >= 60.0:
+        assert spill, "a fast enough spill route takes shards"
+    spilled = [(n, d) for n, d in SHARDS if n in spill]
+    # … the next tick, with the same numbers, takes none of them back
+    back = plan_take_back(
+        _backlog(job, spilled, "gpu.m"),
+        running=running,
+        spill_rate=spill_rate,
+        ahead={"gpu.m": ahead + kept},
+        rates={"gpu.m": 100.0},
+        margin=MARGIN,
+    )
+    assert back == []
+
+
+@pytest.mark.parametrize("spill_rate", [5.0, 20.0, 60.0, 150.0])
+@pytest.mark.parametrize("ahead", [0, 300, 1500])
+def test_take_back_then_plan_with_the_same_numbers_moves_nothing(
+    spill_rate: float, ahead: int
+) -> None:
+    job = uuid.uuid4()
+    running = 100
+    backlog = _backlog(job, SHARDS, "gpu.m")
+    # Given the GPUs take back the end of a spill backlog …
+    back = plan_take_back(
+        backlog,
+        running=running,
+        spill_rate=spill_rate,
+        ahead={"gpu.m": ahead},
+        rates={"gpu.m": 100.0},
+        margin=MARGIN,
+    )
+    if spill_rate <= 20.0:
+        assert back, "a slow spill route gives shards back"
+    taken = sorted((s.shard_no, s.docs) for s in back)
+    left = sum(s.docs for s in backlog if s not in back)
+    # … the next tick, with the same numbers and the deadline past, spills none of them again
+    spill, kept = plan_deadline(
+        taken,
+        ahead=ahead,
+        rate=100,
+        seconds_left=-1,
+        spill_ahead=running + left,
+        spill_rate=spill_rate,
+        margin=MARGIN,
+    )
+    assert (spill, kept) == ([], sum(d for _, d in taken))
+
+
+# -- a tick against Postgres and Redis
+
+
+@pytest.fixture
+def celery(settings: Settings) -> Iterator[Celery]:
+    app = make_celery(settings)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def broker(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.broker_url)
+    yield client
+    client.close()
+
+
+def _add_job(session: Session, *, tenant_id: uuid.UUID, model: str, **values: Any) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    values.setdefault("status", "running")
+    session.add(Job(id=job_id, tenant_id=tenant_id, spec={}, model=model, **values))
+    session.flush()
+    return job_id
+
+
+def _add_shards(
+    session: Session, job_id: uuid.UUID, shard_nos: range, *, docs: int = 100, **values: Any
+) -> None:
+    values.setdefault("state", "queued")
+    rows = [{"job_id": job_id, "shard_no": n, "doc_count": docs, **values} for n in shard_nos]
+    session.execute(insert(Shard).values(rows))
+
+
+def _queues(sessions: sessionmaker[Session], job_id: uuid.UUID) -> dict[int, str]:
+    with sessions() as session:
+        rows = session.execute(
+            select(Shard.shard_no, Shard.queue, Shard.enqueued_at).where(Shard.job_id == job_id)
+        ).all()
+    assert all(enqueued is not None for _, _, enqueued in rows)  # every move was published
+    return {shard_no: queue for shard_no, queue, _ in rows}
+
+
+def _take_backs() -> float:
+    labels = {"decision": "take_back", "reason": "gpu sooner"}
+    return REGISTRY.get_sample_value("postroom_router_decisions_total", labels) or 0.0
+
+
+def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    broker: redis.Redis,
+) -> None:
+    alias = f"router-{uuid.uuid4().hex[:8]}"
+    home = gpu_queue(alias)
+    worker = f"gpu@router-test:{alias}"
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
+        # Given a live GPU worker for the model, which finished 100,000 docs in the window …
+        session.execute(
+            insert(Worker).values(
+                name=worker, route="gpu", models=[alias], stats={}, heartbeat_at=now
+            )
+        )
+        history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
+        done = {"state": "done", "finished_at": now}
+        _add_shards(session, history, range(1), docs=100_000, queue=home, route="gpu", **done)
+        # … a spill route that finished 20 docs in the window (this run's other spills aside) …
+        _add_shards(
+            session, history, range(1, 2), docs=20, queue=QUEUE_SPILL, route="spill", **done
+        )
+        # … an `auto` job past its deadline, 4 shards waiting in spill and one a spill worker holds
+        auto = _add_job(
+            session, tenant_id=tenant_id, model=alias, deadline=now - timedelta(seconds=1)
+        )
+        _add_shards(session, auto, range(4), queue=QUEUE_SPILL, enqueued_at=now)
+        _add_shards(
+            session,
+            auto,
+            range(4, 5),
+            queue=QUEUE_SPILL,
+            state="running",
+            enqueued_at=now,
+            lease_until=now + timedelta(minutes=5),
+        )
+        # … and an `always` job waiting in spill too
+        always = _add_job(session, tenant_id=tenant_id, model=alias, spill="always")
+        _add_shards(session, always, range(2), queue=QUEUE_SPILL, enqueued_at=now)
+    before = _take_backs()
+    try:
+        # When the router ticks
+        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
+        # Then the unclaimed `auto` shards go back to the GPU queue, with a message there each
+        assert [(d.job_id, d.action, d.shards) for d in decisions] == [
+            (auto, "take_back", [0, 1, 2, 3])
+        ]
+        assert _queues(sessions, auto) == {0: home, 1: home, 2: home, 3: home, 4: QUEUE_SPILL}
+        assert _queues(sessions, always) == {0: QUEUE_SPILL, 1: QUEUE_SPILL}
+        assert queue_depth(broker, home, prefix=settings.broker_key_prefix) == 4
+        assert _take_backs() == before + 1
+        # And the next tick, with the same numbers, leaves them there (no ping-pong) although
+        # the job's deadline has passed
+        again = route_tick(sessions=sessions, celery=celery, settings=settings)
+        assert [d for d in again if d.job_id in (auto, always)] == []
+        assert _queues(sessions, auto) == {0: home, 1: home, 2: home, 3: home, 4: QUEUE_SPILL}
+    finally:
+        with sessions.begin() as session:
+            session.execute(delete(Job).where(Job.id.in_([history, auto, always])))
+            session.execute(delete(Worker).where(Worker.name == worker))
+        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
+            broker.delete(key)
