@@ -2,10 +2,14 @@
 whole pipeline (upload → API → S3 → Redis → worker → S3 + Postgres → job completed).
 
 Both sides use the same engine options (built by worker.engine.EngineAdapter.engine_options from the
-same Settings) and the same prompts (postroom.prompts.build_layout), measured in one run.
+same Settings) and the same prompts (postroom.prompts.build_layout), measured in one run: (a) keeps
+its engine between passes, the stack keeps its worker, and the timed passes alternate a, b, a, b, …
+so that the machine's drift falls on both sides alike. Both are timed from text: (a) includes
+tokenising the documents (the worker tokenises too) but not reading them; (b) runs from the first
+byte of the upload to the job's `finished_at`.
 
-    .venv/bin/python bench/pipeline.py        # 10,000 docs, generative (tiny) + embedding
-    .venv/bin/python bench/pipeline.py --docs 2000 --modes generative --repeats 3
+    .venv/bin/python bench/pipeline.py        # 6,000 docs generative (tiny), 2,000 embedding
+    .venv/bin/python bench/pipeline.py --docs 2000 --modes generative --repeats 5
 
 Prints a table and writes bench/results/pipeline.json.
 """
@@ -26,6 +30,7 @@ from typing import Any
 from stack import LABELS, ROOT, Stack, bench_settings
 
 MODES = {"generative": "tiny", "embedding": "minilm"}
+DEFAULT_DOCS = {"generative": 6000, "embedding": 2000}
 
 
 def make_docs(count: int, *, seed: int = 1234) -> list[dict[str, str]]:
@@ -39,116 +44,152 @@ def make_docs(count: int, *, seed: int = 1234) -> list[dict[str, str]]:
     ]
 
 
-def run_direct(settings: Any, alias: str, docs: list[dict[str, str]]) -> dict[str, Any]:
-    """(a) vLLM's offline LLM with token-id prompts: the best direct way we know on this machine."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+class Direct:
+    """(a) vLLM's offline `LLM` with token-id prompts: the best direct way we know on this machine.
+    The engine starts once; each `run()` is one timed pass from text to labels."""
 
-    from postroom.domain import Label
-    from postroom.prompts import build_layout
-    from worker.engine import EngineAdapter, set_vllm_environment
+    def __init__(self, settings: Any, alias: str) -> None:
+        from vllm import LLM
 
-    spec = settings.models[alias]
-    adapter = EngineAdapter(
-        alias=alias, spec=spec, path=settings.model_path(alias), settings=settings
-    )
-    set_vllm_environment(settings, adapter.device)
-    started = time.monotonic()
-    llm = LLM(**adapter.engine_options())
-    start_seconds = time.monotonic() - started
-    tokens = adapter.encode_batch([d["text"] for d in docs])
-    labels = [Label(**label) for label in LABELS]
-    if spec.mode == "embedding":
-        before, after = adapter.special_tokens()
-        budget = min(settings.doc_max_tokens, adapter.max_model_len - len(before) - len(after))
-        prompts = [TokensPrompt(prompt_token_ids=[*before, *t[:budget], *after]) for t in tokens]
-        llm.embed(prompts[:200], use_tqdm=False)  # warm-up, as the pipeline side gets one
-        t0 = time.monotonic()
-        outputs = llm.embed(prompts, use_tqdm=False)
-        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-        assert len(outputs) == len(docs)
-    else:
-        layout = build_layout(
-            adapter.tokenizer(),
-            labels=labels,
-            instructions="Classify the support ticket.",
-            doc_max_tokens=settings.doc_max_tokens,
-            max_model_len=adapter.max_model_len,
+        from postroom.domain import Label
+        from postroom.prompts import build_layout
+        from worker.engine import EngineAdapter, set_vllm_environment
+
+        self.spec = settings.models[alias]
+        self.adapter = EngineAdapter(
+            alias=alias, spec=self.spec, path=settings.model_path(alias), settings=settings
         )
-        prompts = [TokensPrompt(prompt_token_ids=layout.prompt(t)[0]) for t in tokens]
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=len(labels),
-            allowed_token_ids=list(layout.answer_ids),
-        )
-        llm.generate(prompts[:200], params, use_tqdm=False)  # warm-up
+        set_vllm_environment(settings, self.adapter.device)
+        started = time.monotonic()
+        self.llm = LLM(**self.adapter.engine_options())
+        self.start_seconds = time.monotonic() - started
+        if self.spec.mode == "embedding":
+            before, after = self.adapter.special_tokens()
+            self.wrap = (before, after)
+            self.budget = min(
+                settings.doc_max_tokens, self.adapter.max_model_len - len(before) - len(after)
+            )
+        else:
+            labels = [Label(**label) for label in LABELS]
+            self.layout = build_layout(
+                self.adapter.tokenizer(),
+                labels=labels,
+                instructions="Classify the support ticket.",
+                doc_max_tokens=settings.doc_max_tokens,
+                max_model_len=self.adapter.max_model_len,
+            )
+
+    def run(self, texts: list[str]) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
         t0 = time.monotonic()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        tokens = self.adapter.encode_batch(texts)
+        if self.spec.mode == "embedding":
+            before, after = self.wrap
+            prompts = [
+                TokensPrompt(prompt_token_ids=[*before, *t[: self.budget], *after]) for t in tokens
+            ]
+            outputs = self.llm.embed(prompts, use_tqdm=False)
+            assert len(outputs) == len(texts)
+        else:
+            prompts = [TokensPrompt(prompt_token_ids=self.layout.prompt(t)[0]) for t in tokens]
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=len(LABELS),
+                allowed_token_ids=list(self.layout.answer_ids),
+                detokenize=False,
+            )
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            assert all(o.outputs[0].logprobs for o in outputs)
+        seconds = time.monotonic() - t0
         prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-        assert all(o.outputs[0].logprobs for o in outputs)
-    seconds = time.monotonic() - t0
-    del llm  # the engine core process exits with its last reference
-    gc.collect()
+        return {
+            "seconds": seconds,
+            "docs_per_s": len(texts) / seconds,
+            "prompt_tokens": prompt_tokens,
+            "tokens_per_s": prompt_tokens / seconds,
+        }
+
+    def close(self) -> None:
+        del self.llm  # the engine core process exits with its last reference
+        gc.collect()
+
+
+def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, Any]:
+    alias = MODES[mode]
+    docs = make_docs(docs_count)
+    texts = [d["text"] for d in docs]
+    path = logs / f"{mode}.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    warm = logs / f"{mode}-warm.jsonl"
+    warm_docs = make_docs(300, seed=99)
+    warm.write_text("".join(json.dumps(d) + "\n" for d in warm_docs))
+    settings = bench_settings()
+    stack_settings = settings.model_copy(update={"model": alias, "worker_models": [alias]})
+    direct_runs: list[dict[str, Any]] = []
+    pipeline_runs: list[dict[str, Any]] = []
+    with Stack(stack_settings, logs) as stack:
+        direct = Direct(settings, alias)
+        try:
+            direct.run([d["text"] for d in warm_docs])  # warm-up on other documents, both sides
+            stack.run_job(warm, len(warm_docs), model=alias)
+            for _ in range(repeats):
+                direct_runs.append(direct.run(texts))
+                run = stack.run_job(path, len(docs), model=alias)
+                run.pop("job")
+                pipeline_runs.append(run)
+                print(
+                    f"  {mode}: (a) {direct_runs[-1]['docs_per_s']:.1f} docs/s, "
+                    f"(b) {run['docs_per_s']:.1f} docs/s",
+                    flush=True,
+                )
+        finally:
+            direct.close()
+    direct_rate = statistics.median(r["docs_per_s"] for r in direct_runs)
+    pipeline_rate = statistics.median(r["docs_per_s"] for r in pipeline_runs)
+    tokens = direct_runs[0]["prompt_tokens"]
     return {
-        "seconds": seconds,
-        "docs_per_s": len(docs) / seconds,
-        "prompt_tokens": prompt_tokens,
-        "tokens_per_s": prompt_tokens / seconds,
-        "engine_start_s": start_seconds,
+        "mode": mode,
+        "model": alias,
+        "docs": len(docs),
+        "direct_docs_per_s": round(direct_rate, 1),
+        "direct_tokens_per_s": round(tokens * direct_rate / len(docs)),
+        "pipeline_docs_per_s": round(pipeline_rate, 1),
+        "pipeline_tokens_per_s": round(tokens * pipeline_rate / len(docs)),
+        "ratio": round(pipeline_rate / direct_rate, 3),
+        "pair_ratios": [
+            round(b["docs_per_s"] / a["docs_per_s"], 3)
+            for a, b in zip(direct_runs, pipeline_runs, strict=True)
+        ],
+        "engine_start_s": round(direct.start_seconds, 1),
+        "runs": {"direct": direct_runs, "pipeline": pipeline_runs},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--docs", type=int, default=None, help="default: 6,000 / 2,000")
     parser.add_argument("--modes", default="generative,embedding")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="(a, b) pairs per mode")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    docs = make_docs(args.docs)
     logs = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
-    path = logs / "docs.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    warm = logs / "warm.jsonl"
-    warm.write_text("".join(json.dumps(d) + "\n" for d in docs[:500]))
-    settings = bench_settings()
-    rows = []
-    for mode in args.modes.split(","):
-        alias = MODES[mode]
-        direct = [run_direct(settings, alias, docs) for _ in range(args.repeats)]
-        stack_settings = settings.model_copy(update={"model": alias, "worker_models": [alias]})
-        with Stack(stack_settings, logs) as stack:
-            stack.run_job(warm, len(docs[:500]), model=alias)  # warm-up: one-off costs
-            pipeline = [stack.run_job(path, len(docs), model=alias) for _ in range(args.repeats)]
-        for run in pipeline:
-            run.pop("job")
-        direct_rate = statistics.median(r["docs_per_s"] for r in direct)
-        pipeline_rate = statistics.median(r["docs_per_s"] for r in pipeline)
-        tokens = direct[0]["prompt_tokens"]
-        rows.append(
-            {
-                "mode": mode,
-                "model": alias,
-                "docs": len(docs),
-                "direct_docs_per_s": round(direct_rate, 1),
-                "direct_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in direct)),
-                "pipeline_docs_per_s": round(pipeline_rate, 1),
-                "pipeline_tokens_per_s": round(tokens * pipeline_rate / len(docs)),
-                "ratio": round(pipeline_rate / direct_rate, 3),
-                "runs": {"direct": direct, "pipeline": pipeline},
-            }
-        )
+    rows = [
+        measure(mode, args.docs or DEFAULT_DOCS[mode], args.repeats, logs)
+        for mode in args.modes.split(",")
+    ]
     print(
-        f"{'mode':<11} {'model':<7} {'docs':>7} {'direct docs/s':>14} {'pipeline docs/s':>16}"
-        f" {'tokens/s (b)':>13} {'(b)/(a)':>8}"
+        f"{'mode':<11} {'model':<7} {'docs':>7} {'(a) docs/s':>11} {'(b) docs/s':>11}"
+        f" {'(b) tokens/s':>13} {'(b)/(a)':>8}  pairs"
     )
     for r in rows:
         print(
-            f"{r['mode']:<11} {r['model']:<7} {r['docs']:>7,} {r['direct_docs_per_s']:>14,.1f} "
-            f"{r['pipeline_docs_per_s']:>16,.1f} {r['pipeline_tokens_per_s']:>13,} "
-            f"{r['ratio']:>8.3f}"
+            f"{r['mode']:<11} {r['model']:<7} {r['docs']:>7,} {r['direct_docs_per_s']:>11,.1f} "
+            f"{r['pipeline_docs_per_s']:>11,.1f} {r['pipeline_tokens_per_s']:>13,} "
+            f"{r['ratio']:>8.3f}  {' '.join(f'{x:.2f}' for x in r['pair_ratios'])}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}

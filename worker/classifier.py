@@ -116,6 +116,8 @@ class EngineClassifier:
         futures: list[concurrent.futures.Future[list[DocResult]]] = []
         try:
             for start in range(0, len(docs), self.submit_chunk):
+                if any(f.done() and not f.cancelled() and f.exception() for f in futures):
+                    break  # a chunk failed (a dead engine): stop tokenising, raise it below
                 part = docs[start : start + self.submit_chunk]
                 ids = [str(doc["id"]) for doc in part]
                 tokens = engine.encode_batch([str(doc["text"]) for doc in part])
