@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from stack import LABELS, ROOT, Stack, bench_settings
 
 MODES = {"generative": "tiny", "embedding": "minilm"}
@@ -42,6 +43,30 @@ def make_docs(count: int, *, seed: int = 1234) -> list[dict[str, str]]:
         {"id": f"b{i:07d}", "text": " ".join(rng.choices(WORDS, k=rng.randint(40, 400)))}
         for i in range(count)
     ]
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) of every process on the machine, by pid, with its name."""
+    out = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is not None:
+            out[proc.pid] = (proc.info["name"] or "", times.user + times.system)
+    return out
+
+
+def cpu_split(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used since `before`: in vLLM's engine processes (`VLLM::EngineCore`,
+    `VLLM::Worker`: the model itself) and in everything else (the API, the worker's Python,
+    Postgres, Redis, S3, this driver). On 2 cores the second is taken from the first."""
+    engine = other = 0.0
+    for pid, (name, total) in cpu_seconds().items():
+        used = total - before.get(pid, (name, 0.0))[1]
+        if name.startswith("VLLM::"):
+            engine += used
+        else:
+            other += used
+    return {"engine_cpu_s": round(engine, 2), "other_cpu_s": round(other, 2)}
 
 
 class Direct:
@@ -83,6 +108,7 @@ class Direct:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        cpu = cpu_seconds()
         t0 = time.monotonic()
         tokens = self.adapter.encode_batch(texts)
         if self.spec.mode == "embedding":
@@ -110,6 +136,7 @@ class Direct:
             "docs_per_s": len(texts) / seconds,
             "prompt_tokens": prompt_tokens,
             "tokens_per_s": prompt_tokens / seconds,
+            **cpu_split(cpu),
         }
 
     def close(self) -> None:
@@ -137,7 +164,9 @@ def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, A
             stack.run_job(warm, len(warm_docs), model=alias)
             for _ in range(repeats):
                 direct_runs.append(direct.run(texts))
+                cpu = cpu_seconds()
                 run = stack.run_job(path, len(docs), model=alias)
+                run.update(cpu_split(cpu))
                 run.pop("job")
                 pipeline_runs.append(run)
                 print(
@@ -164,6 +193,13 @@ def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, A
             for a, b in zip(direct_runs, pipeline_runs, strict=True)
         ],
         "engine_start_s": round(direct.start_seconds, 1),
+        "cpu_s_median": {
+            side: {
+                key: round(statistics.median(r[key] for r in runs), 2)
+                for key in ("engine_cpu_s", "other_cpu_s")
+            }
+            for side, runs in (("direct", direct_runs), ("pipeline", pipeline_runs))
+        },
         "runs": {"direct": direct_runs, "pipeline": pipeline_runs},
     }
 
@@ -190,6 +226,13 @@ def main() -> None:
             f"{r['mode']:<11} {r['model']:<7} {r['docs']:>7,} {r['direct_docs_per_s']:>11,.1f} "
             f"{r['pipeline_docs_per_s']:>11,.1f} {r['pipeline_tokens_per_s']:>13,} "
             f"{r['ratio']:>8.3f}  {' '.join(f'{x:.2f}' for x in r['pair_ratios'])}"
+        )
+    print("CPU seconds per pass (median): vLLM engine processes / everything else")
+    for r in rows:
+        a, b = r["cpu_s_median"]["direct"], r["cpu_s_median"]["pipeline"]
+        print(
+            f"{r['mode']:<11} (a) {a['engine_cpu_s']:>6.1f} / {a['other_cpu_s']:>5.1f}   "
+            f"(b) {b['engine_cpu_s']:>6.1f} / {b['other_cpu_s']:>5.1f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}

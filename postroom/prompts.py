@@ -7,6 +7,7 @@ serves the instructions and labels of every document of a job from cache.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -207,8 +208,7 @@ def nearest_label(
     truncated: bool,
 ) -> DocResult:
     """Label by highest cosine; confidence is a softmax over the similarities at `temperature`."""
-    doc = _normalise(doc_vector)
-    sims = [sum(a * b for a, b in zip(doc, _normalise(v), strict=True)) for v in label_vectors]
+    sims = [_cosine(doc_vector, v) for v in label_vectors]
     top = max(sims)
     weights = [math.exp((s - top) / temperature) for s in sims]
     total = sum(weights)
@@ -224,6 +224,10 @@ def nearest_label(
     )
 
 
-def _normalise(vector: Sequence[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-    return [x / norm for x in vector]
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Cosine similarity (0 for a zero vector); C-level loops: it runs once per document and
+    label on the worker's event-loop thread."""
+    if len(a) != len(b):
+        raise ValueError(f"vectors of {len(a)} and {len(b)} dimensions")
+    norm = math.hypot(*a) * math.hypot(*b)
+    return sum(map(operator.mul, a, b)) / norm if norm else 0.0

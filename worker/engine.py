@@ -285,8 +285,8 @@ class EngineAdapter:
             except Exception as e:
                 self._raise_if_dead(e)
                 raise
-        data = out.outputs.data
-        return [float(x) for x in data.tolist()]
+        vector: list[float] = out.outputs.data.tolist()  # a float tensor: Python floats
+        return vector
 
     async def _generate(self, prompt_ids: list[int], params: Any, *, shard: str) -> Any:
         from vllm.inputs import TokensPrompt
