@@ -44,6 +44,7 @@ from postroom.settings import Settings
 
 logger = logging.getLogger(__name__)
 BUDGET_MARGIN = 1.25
+MIN_RATE_SPAN_S = 1.0  # a rate is never measured over less than this
 
 
 @dataclass
@@ -114,13 +115,19 @@ def plan_take_back(
     drains `rates` docs/s. Shards come back from the end of the backlog (the last that spill would
     reach): a shard's spill finish is the documents up to and including it over `spill_rate`, and
     its GPU finish counts the shards already taken back before it. Before spill is measured,
-    nothing comes back.
+    nothing comes back that way. An idle live GPU queue with no measured rate (it has done nothing
+    for a whole window, e.g. it is back from an outage) gets the last shard meant for it: that
+    measures its rate for the next ticks.
     """
-    if not spill_rate:
-        return []
     ahead = dict(ahead)
-    position = running + sum(shard.docs for shard in backlog)
     back: list[Spilled] = []
+    for shard in reversed(backlog):
+        if shard.home and not rates.get(shard.home) and not ahead.get(shard.home):
+            back.append(shard)
+            ahead[shard.home] = shard.docs
+    if not spill_rate:
+        return back
+    position = running + sum(shard.docs for shard in backlog)
     for shard in reversed(backlog):
         rate = rates.get(shard.home) if shard.home else None
         if shard.home and rate:
@@ -222,10 +229,12 @@ def route_tick(
         by_job.setdefault(shard.job_id, []).append(shard)
     for job_id, taken in by_job.items():
         home = taken[0].home or ""
-        reason = (
-            f"gpu sooner: GPUs ({home}) drain {rates[home]:.1f} docs/s with {ahead.get(home, 0)} "
-            f"docs ahead; {spill_says} with {spill_docs} docs ahead"
+        gpu_says = (
+            f"GPUs ({home}) drain {rates[home]:.1f} docs/s with {ahead.get(home, 0)} docs ahead"
+            if rates.get(home)
+            else f"GPUs ({home}) idle, not measured yet"
         )
+        reason = f"gpu sooner: {gpu_says}; {spill_says} with {spill_docs} docs ahead"
         decisions.append(_take_back(sessions, celery, job_id, taken, home, reason))
     return decisions
 
@@ -240,19 +249,31 @@ def _alive_aliases(session: Session, since: datetime) -> set[str]:
 def _drain_rates(
     session: Session, now: datetime, window: float
 ) -> tuple[dict[str, float], float | None]:
-    """Docs/s finished over the window on each GPU queue, and on spill (None: nothing finished)."""
+    """Docs/s finished over the window on each GPU queue, and on spill (None: nothing finished).
+
+    A route that started working within the window is measured from its first start, not over
+    the whole window, so the first ticks of a burst do not read it as slower than it is."""
+    since = now - timedelta(seconds=window)
     rows = session.execute(
-        select(Shard.route, Shard.queue, func.sum(Shard.doc_count))
+        select(Shard.route, Shard.queue, func.sum(Shard.doc_count), func.min(Shard.started_at))
         .where(
             Shard.route.in_(("gpu", "spill")),
             Shard.state == ShardState.done,
-            Shard.finished_at >= now - timedelta(seconds=window),
+            Shard.finished_at >= since,
         )
         .group_by(Shard.route, Shard.queue)
     ).all()
-    gpu = {queue: float(docs) / window for route, queue, docs in rows if route == "gpu" and docs}
-    spill = sum(int(docs) for route, _, docs in rows if route == "spill" and docs)
-    return gpu, (spill / window if spill else None)
+
+    def rate(docs: int, first: datetime | None) -> float:
+        start = max(first, since) if first is not None else since
+        return docs / max((now - start).total_seconds(), MIN_RATE_SPAN_S)
+
+    gpu = {q: rate(int(docs), first) for route, q, docs, first in rows if route == "gpu" and docs}
+    spill = [(int(docs), first) for route, _, docs, first in rows if route == "spill" and docs]
+    if not spill:
+        return gpu, None
+    starts = [first for _, first in spill if first is not None]
+    return gpu, rate(sum(docs for docs, _ in spill), min(starts) if starts else None)
 
 
 def _unclaimed(

@@ -20,7 +20,7 @@ from postroom.db.models import Job, Shard, Worker
 from postroom.queue import QUEUE_SPILL, gpu_queue, make_celery, queue_depth
 from postroom.settings import Settings
 from postroom.tenants import ensure_tenant
-from worker.router import Spilled, plan_deadline, plan_take_back, route_tick
+from worker.router import Spilled, _drain_rates, plan_deadline, plan_take_back, route_tick
 
 MARGIN = 1.25
 SHARDS = [(n, 100) for n in range(8)]
@@ -120,10 +120,24 @@ def test_an_idle_gpu_takes_back_the_end_of_a_slow_spill_backlog() -> None:
 
 def test_nothing_comes_back_without_a_spill_measurement_or_a_gpu_rate() -> None:
     backlog = _backlog(uuid.uuid4(), SHARDS, "gpu.m")
-    common: dict[str, Any] = {"running": 0, "ahead": {}, "margin": MARGIN}
-    assert plan_take_back(backlog, spill_rate=None, rates={"gpu.m": 100.0}, **common) == []
-    assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.other": 100.0}, **common) == []
-    assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.m": 100.0}, **common)
+    busy: dict[str, Any] = {"running": 0, "ahead": {"gpu.m": 100}, "margin": MARGIN}
+    assert plan_take_back(backlog, spill_rate=None, rates={"gpu.m": 100.0}, **busy) == []
+    assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.other": 100.0}, **busy) == []
+    assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.m": 100.0}, **busy)
+
+
+@pytest.mark.parametrize("spill_rate", [None, 1.0, 1000.0])
+def test_an_idle_unmeasured_gpu_takes_back_one_shard_to_measure_itself(
+    spill_rate: float | None,
+) -> None:
+    # Back from an outage: the GPUs did nothing for a whole window, so they have no rate.
+    job = uuid.uuid4()
+    backlog = [*_backlog(job, SHARDS, "gpu.m"), *_backlog(uuid.uuid4(), [(0, 100)], None)]
+    common: dict[str, Any] = {"running": 0, "spill_rate": spill_rate, "margin": MARGIN}
+    back = plan_take_back(backlog, ahead={}, rates={}, **common)
+    assert [(s.job_id, s.shard_no) for s in back] == [(job, 7)]
+    # Once it has work it waits for a measurement
+    assert plan_take_back(backlog, ahead={"gpu.m": 100}, rates={}, **common) == []
 
 
 @pytest.mark.parametrize("spill_rate", [5.0, 20.0, 60.0, 150.0, 400.0])
@@ -304,3 +318,41 @@ def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
             session.execute(delete(Worker).where(Worker.name == worker))
         for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
             broker.delete(key)
+
+
+def test_a_route_that_started_within_the_window_is_measured_from_its_start(
+    sessions: sessionmaker[Session],
+) -> None:
+    fresh, steady = (gpu_queue(f"rate-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        tenant_id = ensure_tenant(session=session, name=f"t-{uuid.uuid4().hex[:8]}")
+        job = _add_job(session, tenant_id=tenant_id, model="m", status="completed")
+        done = {"state": "done", "route": "gpu", "finished_at": now - timedelta(seconds=1)}
+        # 1,000 docs done by a GPU that started 10 s ago; 1,200 by one busy the whole minute
+        _add_shards(
+            session,
+            job,
+            range(2),
+            docs=500,
+            queue=fresh,
+            started_at=now - timedelta(seconds=10),
+            **done,
+        )
+        _add_shards(
+            session,
+            job,
+            range(2, 4),
+            docs=600,
+            queue=steady,
+            started_at=now - timedelta(seconds=300),
+            **done,
+        )
+    try:
+        with sessions() as session:
+            rates, _ = _drain_rates(session, now, 60.0)
+        assert rates[fresh] == pytest.approx(100.0)
+        assert rates[steady] == pytest.approx(20.0)
+    finally:
+        with sessions.begin() as session:
+            session.execute(delete(Job).where(Job.id == job))
