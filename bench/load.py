@@ -58,21 +58,6 @@ def snapshot(stack: Stack) -> dict[str, int]:
     return out
 
 
-def wait_jobs(stack: Stack, job_ids: list[str], timeout: float) -> list[dict[str, Any]]:
-    """Poll until every job is finished; a bench that cannot finish says so instead of hanging."""
-    end = time.monotonic() + timeout
-    results = []
-    for job_id in job_ids:
-        while (job := stack.client.job(job_id))["status"] not in ("completed", "failed"):
-            if time.monotonic() > end:
-                raise TimeoutError(
-                    f"job {job_id} not finished after {timeout:.0f}s: {job['counts']}"
-                )
-            time.sleep(0.25)
-        results.append(job)
-    return results
-
-
 def burst(stack: Stack, path: Path, jobs: int) -> float:
     """`jobs` jobs at once (no deadline, GPU only): docs/s from the first upload to the last
     `finished_at`, the GPU's sustained peak with the whole pipeline around it."""
@@ -81,7 +66,7 @@ def burst(stack: Stack, path: Path, jobs: int) -> float:
         stack.client.upload(path, {"labels": json.dumps(LABELS), "spill": "never"})["id"]
         for _ in range(jobs)
     ]
-    results = wait_jobs(stack, ids, timeout=600)
+    results = stack.wait_jobs(ids, timeout=600)
     last = max(datetime.fromisoformat(j["finished_at"]).timestamp() for j in results)
     return jobs * JOB_DOCS / (last - t0)
 
@@ -115,7 +100,7 @@ def run_level(
             next_at += interval
         time.sleep(0.02)
     try:
-        results = wait_jobs(stack, jobs, timeout=max(300.0, 6 * seconds))
+        results = stack.wait_jobs(jobs, timeout=max(300.0, 6 * seconds))
     finally:
         stop.set()
         sampler.join()

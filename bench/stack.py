@@ -136,14 +136,29 @@ class Stack:
         t0 = time.time()
         job = self.client.upload(path, {"labels": json.dumps(LABELS), **params})
         accepted = time.time() - t0
-        while job["status"] not in ("completed", "failed", "cancelled"):
-            time.sleep(0.5)
-            job = self.client.job(job["id"])
+        [job] = self.wait_jobs([job["id"]], timeout=JOB_TIMEOUT_S)
         seconds = datetime.fromisoformat(job["finished_at"]).timestamp() - t0
         done = job["counts"]["succeeded"] + job["counts"]["failed"]
         assert done == docs, job["counts"]
         return {"seconds": seconds, "docs_per_s": docs / seconds, "upload_s": accepted, "job": job}
 
+    def wait_jobs(self, job_ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        """Poll until every job has ended; a bench that cannot finish says so instead of
+        hanging."""
+        end = time.monotonic() + timeout
+        results = []
+        for job_id in job_ids:
+            while (job := self.client.job(job_id))["status"] not in FINAL:
+                if time.monotonic() > end:
+                    counts = job["counts"]
+                    raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s: {counts}")
+                time.sleep(0.25)
+            results.append(job)
+        return results
+
+
+JOB_TIMEOUT_S = 1800.0
+FINAL = ("completed", "failed", "cancelled")
 
 LABELS = [
     {"name": "billing", "description": "invoices, charges, payments and prices"},
