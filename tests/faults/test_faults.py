@@ -147,9 +147,23 @@ def test_paused_worker_cannot_commit_over_a_newer_attempt(fault_stack: FaultStac
                 select(Shard.shard_no).where(Shard.job_id == job_id, Shard.state == "running")
             ).first()
 
-    paused = wait_until(running_shard, timeout=120, what="a shard in flight")
-    fault_stack.worker.pause()
+    def pause_holding_a_shard() -> tuple[int] | None:
+        # Pause first, then look: a shard seen running before the pause may finish before it.
+        # (A tuple, so that shard 0 counts as found.)
+        if running_shard() is None:
+            return None
+        fault_stack.worker.pause()
+        shard = running_shard()
+        if shard is None:
+            fault_stack.worker.resume()
+            return None
+        return (shard,)
+
     try:
+        [paused] = wait_until(
+            pause_holding_a_shard, timeout=120, what="the worker paused holding a shard"
+        )
+
         # Past its lease: the reaper expires the shard and rings its doorbell again.
         def expired() -> bool:
             with fault_stack.sessions() as session:
