@@ -26,7 +26,7 @@ PHASES = ("claim", "read", "classify", "commit", "write")
 
 
 def write_docs(path: Path, count: int, *, seed: int = 7) -> None:
-    from worker.models import WORDS
+    from worker.tiny_model import WORDS
 
     rng = random.Random(seed)
     with path.open("w") as f:

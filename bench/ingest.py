@@ -34,7 +34,7 @@ CHUNK = 1024 * 1024
 
 
 def lines(count: int, *, seed: int = 11) -> Iterator[bytes]:
-    from worker.models import WORDS
+    from worker.tiny_model import WORDS
 
     rng = random.Random(seed)
     batch = []

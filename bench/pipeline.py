@@ -36,7 +36,7 @@ DEFAULT_DOCS = {"generative": 6000, "embedding": 2000}
 
 def make_docs(count: int, *, seed: int = 1234) -> list[dict[str, str]]:
     """Generated support-ticket-like texts, 40 to 400 words (about 50 to 600 tokens), fixed seed."""
-    from worker.models import WORDS
+    from worker.tiny_model import WORDS
 
     rng = random.Random(seed)
     return [

@@ -31,7 +31,7 @@ from postroom_cli.local import (
     stop,
     wait_until,
 )
-from worker.models import build_model
+from worker.tiny_model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

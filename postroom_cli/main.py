@@ -169,7 +169,7 @@ def model_tiny(
     seed: int = 0,
 ) -> None:
     """Generate the tiny random-weight decoder and its tokenizer (no download)."""
-    from worker.models import build_model
+    from worker.tiny_model import build_model
 
     build_model(directory, seed=seed)
     console.print(f"tiny model written to {directory}")

@@ -37,7 +37,7 @@ from postroom_cli.local import (
 )
 from postroom_cli.standin import StandinServer
 from tests.waiting import wait_until
-from worker.models import build_model
+from worker.tiny_model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"

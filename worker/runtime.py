@@ -25,7 +25,7 @@ from postroom.storage import Storage
 from worker.classifier import Classifier, EngineClassifier, NullClassifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
-from worker.models import build_model
+from worker.tiny_model import build_model
 from worker.spill import SpillClassifier
 
 logger = logging.getLogger(__name__)

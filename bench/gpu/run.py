@@ -225,7 +225,7 @@ class Probe:
 
 
 def shape_of(name: str) -> Any:
-    from worker import models
+    from worker import tiny_model as models
 
     return {"tiny": models.TINY, "0.5b": models.QWEN_0_5B, "1.5b": models.QWEN_1_5B}[name]
 
@@ -249,7 +249,7 @@ def non_embedding_params(model_dir: Path) -> int:
 
 def make_documents(tokenizer: Any, n: int, *, seed: int) -> list[dict[str, Any]]:
     """n documents of 200-600 tokens of the generated vocabulary, cut at a token boundary."""
-    from worker.models import WORDS
+    from worker.tiny_model import WORDS
 
     rng = random.Random(seed)
     docs = []
@@ -262,7 +262,7 @@ def make_documents(tokenizer: Any, n: int, *, seed: int) -> list[dict[str, Any]]
 
 
 def instructions_text(seed: int, words: int) -> str:
-    from worker.models import WORDS
+    from worker.tiny_model import WORDS
 
     rng = random.Random(seed)
     return INSTRUCTIONS_HEAD + " " + " ".join(rng.choices(WORDS, k=words)) + "."
@@ -274,7 +274,7 @@ def child_build(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from postroom.domain import Label
     from postroom.prompts import build_layout
-    from worker.models import build_model
+    from worker.tiny_model import build_model
 
     model_dir = Path(cfg["model_dir"])
     started = time.monotonic()
