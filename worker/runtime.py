@@ -25,8 +25,8 @@ from postroom.storage import Storage
 from worker.classifier import Classifier, EngineClassifier, NullClassifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
-from worker.tiny_model import build_model
 from worker.spill import SpillClassifier
+from worker.tiny_model import build_model
 
 logger = logging.getLogger(__name__)
 
