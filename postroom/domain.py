@@ -32,6 +32,8 @@ class ShardState(enum.StrEnum):
 
 SHARD_CLAIMABLE = (ShardState.queued, ShardState.expired)
 SHARD_FINISHED = (ShardState.done, ShardState.failed, ShardState.cancelled, ShardState.replaced)
+# The managed API's queue and route; each GPU model has its own queue (postroom.queue.gpu_queue).
+QUEUE_SPILL = "spill"
 
 Mode = Literal["generative", "embedding"]
 Decoding = Literal["score", "choice"]

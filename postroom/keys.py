@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from uuid import NAMESPACE_URL, UUID, uuid5
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 API_KEY_PREFIX = "pr"
 
@@ -92,3 +92,39 @@ def inbox_object_id(bucket: str, key: str, etag: str) -> UUID:
     """The id of one object version in the inbox, which is also the id of its job: the same
     (bucket, key, ETag) always gives the same id, so a retried ingest cannot make a second job."""
     return uuid5(NAMESPACE_URL, f"s3://{bucket}/{key}#etag={etag}")
+
+
+# -- OpenAI batches and files: ids and keys derived from the batch id (a rerun rewrites)
+
+
+def new_file_id() -> str:
+    return f"file-{uuid4().hex}"
+
+
+def batch_public_id(batch_id: UUID) -> str:
+    return f"batch_{batch_id.hex}"
+
+
+def output_file_id(batch_id: UUID) -> str:
+    return f"file-{batch_id.hex}-output"
+
+
+def error_file_id(batch_id: UUID) -> str:
+    return f"file-{batch_id.hex}-errors"
+
+
+def file_key(file_id: str) -> str:
+    return f"files/{file_id}.jsonl"
+
+
+def invalid_lines_key(batch_id: UUID) -> str:
+    """Error lines of the requests refused at creation; the error file starts with them."""
+    return f"batches/{batch_id}/invalid-lines.jsonl"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def request_line_id(batch_id: UUID, key: str) -> str:
+    return f"batch_req_{_digest(str(batch_id), key)}"

@@ -1,18 +1,38 @@
-"""The Celery app, its configuration, queue names and task names. No task bodies live here."""
+"""The Celery app, its configuration, queue and task names, and publishing (ringing a shard's
+doorbell). The only module that imports Celery: the worker and the beat take `Celery`, `Task`,
+`signals` and `BrokerError` from here. No task bodies live here.
+"""
 
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task, signals
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.orm import Session, sessionmaker
 
+from postroom.backlog import unpublished_shards
+from postroom.domain import QUEUE_SPILL
 from postroom.settings import Settings
+from postroom.shards import mark_published
+
+__all__ = [
+    "QUEUE_SPILL",
+    "BrokerError",
+    "Celery",
+    "Task",
+    "signals",
+]
+
+logger = logging.getLogger(__name__)
 
 TASK_CLASSIFY_SHARD = "postroom.classify_shard"
 TASK_REAP = "postroom.reap"
 TASK_ROUTE = "postroom.route"
 TASK_INBOX = "postroom.inbox"
-QUEUE_SPILL = "spill"
 QUEUE_CONTROL = "control"
 GPU_QUEUE_PREFIX = "gpu"
 
@@ -70,3 +90,44 @@ def publish_shard(app: Celery, *, job_id: str, shard_no: int, queue: str) -> Non
         queue=queue,
         shadow=f"{TASK_CLASSIFY_SHARD}[{job_id}/{shard_no:06d}]",
     )
+
+
+def publish_shards(
+    app: Celery, shards: Sequence[tuple[uuid.UUID, int, str]]
+) -> list[tuple[uuid.UUID, int]]:
+    """Ring the doorbell for each (job_id, shard_no, queue) in order; returns those rung.
+
+    Stops at the first failure: Postgres is the record, and a shard not rung keeps
+    `enqueued_at` NULL, so the reaper publishes it later. A broker outage delays work, never
+    loses it.
+    """
+    published: list[tuple[uuid.UUID, int]] = []
+    try:
+        for job_id, shard_no, queue in shards:
+            publish_shard(app, job_id=str(job_id), shard_no=shard_no, queue=queue)
+            published.append((job_id, shard_no))
+    except Exception as e:  # kombu raises many types here; the shards stay queued in Postgres
+        logger.warning(
+            "publishing stopped after %d of %d shards: %s", len(published), len(shards), e
+        )
+    return published
+
+
+def publish_job(*, session: Session, celery: Celery, job_id: uuid.UUID) -> int:
+    """Publish every queued, never-published shard of a job, in the caller's transaction.
+    Call after the job is committed (a worker must find the shard it is told about)."""
+    waiting = unpublished_shards(session=session, job_id=job_id)
+    published = publish_shards(celery, [(job_id, no, queue) for no, queue in waiting])
+    mark_published(session=session, shards=published)
+    return len(published)
+
+
+def publish_and_record(
+    app: Celery, sessions: sessionmaker[Session], shards: Sequence[tuple[uuid.UUID, int, str]]
+) -> int:
+    """publish_shards, then record what was rung in a transaction of its own."""
+    published = publish_shards(app, shards)
+    if published:
+        with sessions.begin() as session:
+            mark_published(session=session, shards=published)
+    return len(published)

@@ -1,19 +1,20 @@
-"""Job submission shared by every entry point (inline JSON, streamed upload, later the drop folder).
+"""Job submission: one path for every way in (inline, upload, `input_uri`, the drop folder, an
+OpenAI batch).
 
-Order of work: validate options → stream documents through Intake, writing each full shard to S3 →
-insert job + shards in one transaction (the caller commits) → publish after commit. A failure
-before the commit leaves no job behind; shards in S3 under an uncommitted job id are deleted.
+A `Submission` is one job on its way in: prepare (labels, model, spec) → feed documents (parsed
+objects, or a byte stream of JSONL, gzip or not) → seal (refuse bad lines or none, wait for the
+shard writes) → record (job and shard rows, in the caller's transaction) → publish (after the
+caller's commit). Until it is recorded, a failure deletes what it wrote to S3: use it as a context
+manager (`with` or `async with`), so no half job is left behind whatever goes wrong.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
+import asyncio
 import logging
-import threading
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,11 +22,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from postroom import tokens
 from postroom.costs import estimate
 from postroom.db.models import Job
 from postroom.domain import (
     DEFAULT_INSTRUCTIONS,
+    QUEUE_SPILL,
     Decoding,
     JobSpec,
     Label,
@@ -35,12 +36,16 @@ from postroom.domain import (
 )
 from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput
 from postroom.intake import Intake
-from postroom.jobs import NewJob, choose_model, create_job, validate_labels
-from postroom.keys import input_shard_key, rejected_lines_key
-from postroom.prompts import first_token_collisions, instructions_text
-from postroom.queue import QUEUE_SPILL, gpu_queue
+from postroom.jobs import NewJob, create_job
+from postroom.keys import rejected_lines_key
+from postroom.labels import label_collisions, validate_labels
+from postroom.lines import LineStream
+from postroom.prompts import instructions_text
+from postroom.queue import Celery, gpu_queue, publish_job
+from postroom.registry import choose_model
 from postroom.settings import Settings
-from postroom.storage import Storage, encode_jsonl
+from postroom.shard_writer import ShardWriter
+from postroom.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -124,157 +129,226 @@ def prepare_spec(
     return spec, warnings
 
 
-_TOKENIZER_LOCK = threading.Lock()
+class Submission:
+    """One job on its way in; see the module docstring for the order of the steps."""
 
-
-@functools.lru_cache(maxsize=4096)
-def label_collisions(model_path: str, names: tuple[str, ...]) -> list[tuple[str, ...]]:
-    # Requests run in a thread pool; a Rust tokenizer must not encode in two threads at once.
-    with _TOKENIZER_LOCK:
-        return first_token_collisions(tokens.load(model_path), names)
-
-
-class ShardWriter:
-    """Takes full shards from Intake and writes them to S3 on background threads, so reading the
-    next lines overlaps the writes. At most `in_flight` shards wait in memory: a caller that sees
-    `backlogged` calls `drain()` (blocking), and `flush()` once at the end, which raises the first
-    write error."""
-
-    def __init__(self, storage: Storage, job_id: uuid.UUID, *, in_flight: int = 4) -> None:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        settings: Settings,
+        on_invalid: OnInvalid = "reject",
+        job_id: uuid.UUID | None = None,
+    ) -> None:
+        self.job_id = job_id or uuid.uuid4()
         self.storage = storage
-        self.job_id = job_id
-        self.in_flight = in_flight
-        self.written = 0
-        self._futures: collections.deque[Future[None]] = collections.deque()
-        self._pool: ThreadPoolExecutor | None = None
+        self.settings = settings
+        self.on_invalid = on_invalid
+        self.writer = ShardWriter(storage, self.job_id)
+        # A job refused on bad lines only shows the first few, so only those are kept; under
+        # on_invalid=skip each bad line becomes a failed result and all are.
+        keep = settings.max_error_details if on_invalid == "reject" else None
+        self.intake = Intake(
+            settings=settings, sink=self.writer, shard_size=settings.shard_size, keep_rejected=keep
+        )
+        self.options: JobOptions | None = None
+        self.spec: JobSpec | None = None
+        self.warnings: list[str] = []
+        self.job: Job | None = None
+        self.created = False
+        self._stream: LineStream | None = None
 
-    def __call__(self, shard_no: int, docs: list[dict[str, Any]]) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
-        self._futures.append(self._pool.submit(self._put, shard_no, docs))
+    @classmethod
+    def start(
+        cls,
+        options: JobOptions,
+        *,
+        session: Session,
+        storage: Storage,
+        settings: Settings,
+        job_id: uuid.UUID | None = None,
+    ) -> Submission:
+        """A submission whose options are known up front (all but the OpenAI batch)."""
+        submission = cls(
+            storage=storage, settings=settings, on_invalid=options.on_invalid, job_id=job_id
+        )
+        submission.prepare(options, session=session)
+        return submission
+
+    def prepare(self, options: JobOptions, *, session: Session) -> None:
+        """Check labels, instructions and model (raises InvalidInput); the job's spec."""
+        self.spec, self.warnings = prepare_spec(options, session=session, settings=self.settings)
+        self.options = options
+
+    # -- feeding
+
+    def add(self, document: Any) -> None:
+        """One document as a parsed object (parse with `jsonsafe.parse_json`, so duplicate keys
+        and NaN are caught); blocks while too many shard writes are in flight."""
+        self.intake.add_object(document)
+        if self.writer.backlogged:
+            self.writer.drain()
+
+    def open_stream(
+        self,
+        *,
+        gzip: bool,
+        name: str,
+        max_bytes: int | None = None,
+        max_ratio: int | None = None,
+        limits: tuple[str, str] = ("POSTROOM_MAX_UPLOAD_BYTES", "POSTROOM_MAX_GZIP_RATIO"),
+    ) -> None:
+        """Get ready for `feed`: JSONL bytes (gzip or not), at most `max_bytes` after
+        decompression (default POSTROOM_MAX_UPLOAD_BYTES; `limits` names the settings)."""
+        self._stream = LineStream(
+            self.intake,
+            gzip=gzip,
+            name=name,
+            max_bytes=max_bytes,
+            max_ratio=max_ratio,
+            limits=limits,
+        )
+
+    def feed(self, chunk: bytes, *, wait: bool = True) -> None:
+        """The next bytes of the stream. With `wait=False` (an event loop) it never blocks: the
+        caller drains in a thread while `backlogged`."""
+        assert self._stream is not None, "open_stream() first"
+        self._stream.feed(chunk)
+        if wait and self.writer.backlogged:
+            self.writer.drain()
 
     @property
     def backlogged(self) -> bool:
-        return len(self._futures) >= self.in_flight
+        return self.writer.backlogged
 
-    def drain(self, keep: int | None = None) -> None:
-        """Wait until at most `keep` writes (default: in_flight - 1) are still in flight."""
-        keep = self.in_flight - 1 if keep is None else keep
-        while len(self._futures) > keep:
-            self._futures.popleft().result()
-            self.written += 1
+    def drain(self) -> None:
+        self.writer.drain()
 
-    def flush(self) -> None:
-        """Wait for every write; raises the first that failed."""
+    # -- sealing, recording, publishing
+
+    def seal(self) -> None:
+        """No more documents: refuse the job when lines are bad (on_invalid=reject) or none are
+        left, and wait for every shard write (raises the first that failed)."""
+        if self._stream is not None:
+            self._stream.end()
+        self.intake.finish()
+        self.check()
+        self.writer.flush()
+
+    def check(self) -> None:
+        """Raise InvalidDocuments when the job would be refused on what was fed so far."""
+        intake, settings = self.intake, self.settings
+        if intake.rejected_count and self.on_invalid == "reject":
+            shown = intake.details()[: settings.max_error_details]
+            more = intake.rejected_count - len(shown)
+            raise InvalidDocuments(
+                f"{intake.rejected_count} document line(s) are invalid; fix them or send "
+                f"on_invalid=skip to run the job without them"
+                + (f" (showing the first {len(shown)}, {more} more)" if more else ""),
+                details=shown,
+            )
+        if intake.accepted + intake.rejected_count == 0:
+            raise InvalidDocuments(
+                'no documents: send at least one line {"id": …, "text": …}',
+                details=[{"field": "documents", "reason": "empty"}],
+            )
+
+    def record(
+        self,
+        *,
+        session: Session,
+        tenant_id: uuid.UUID,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+    ) -> Job:
+        """Insert the job, its shards and the failed results of skipped lines (the caller
+        commits). `created` says whether it is new: an idempotent repeat (the same key and body)
+        returns the existing job and discards what this submission wrote."""
+        assert self.options is not None, "prepare() first"
+        assert self.spec is not None
+        options, spec, intake = self.options, self.spec, self.intake
+        if idempotency_key:
+            existing = _existing(session, tenant_id, idempotency_key, body_hash)
+            if existing is not None:
+                return self._repeat_of(existing)
+        if intake.rejected and options.on_invalid == "skip":
+            self.storage.put_jsonl(
+                rejected_lines_key(self.job_id),
+                ({**r.detail(), "result_id": r.result_id} for r in intake.rejected),
+            )
+        prompt_chars = len(instructions_text(spec.labels, spec.instructions))
+        new = NewJob(
+            job_id=self.job_id,
+            max_spill_cost=options.max_spill_cost,
+            estimate=estimate(
+                self.settings, docs=intake.accepted, chars=intake.chars, prompt_chars=prompt_chars
+            ),
+            tenant_id=tenant_id,
+            spec=spec,
+            spill=options.spill,
+            deadline=options.deadline_at(datetime.now(UTC)),
+            metadata=options.metadata,
+            idempotency_key=idempotency_key,
+            body_hash=body_hash,
+            shard_sizes=intake.shard_sizes,
+            rejected=intake.rejected,
+            # `always` jobs go straight to the managed API; the router moves others when it must.
+            queue=QUEUE_SPILL if options.spill == "always" else gpu_queue(spec.model),
+            warnings=self.warnings,
+        )
         try:
-            self.drain(0)
-        finally:
-            self._close()
+            with session.begin_nested():
+                self.job = create_job(session=session, new=new)
+        except IntegrityError:
+            # Two requests with the same Idempotency-Key raced; the other one won.
+            existing = _existing(session, tenant_id, idempotency_key or "", body_hash)
+            if existing is None:
+                raise
+            return self._repeat_of(existing)
+        self.created = True
+        return self.job
+
+    def publish(self, *, session: Session, celery: Celery) -> int:
+        """Ring the doorbells of a job this submission created; call after the commit (a worker
+        must find the shard it is told about), then commit again to record them. A broker
+        outage leaves the shards to the reaper."""
+        if not self.created:
+            return 0
+        return publish_job(session=session, celery=celery, job_id=self.job_id)
 
     def discard(self) -> None:
-        """Wait for the writes in flight (ignoring their errors) and delete what was written."""
-        wrote = self.written > 0
-        while self._futures:
-            future = self._futures.popleft()
-            wrote = wrote or (future.exception() is None)
-        self._close()
-        if wrote:
-            self.storage.delete_prefix(f"inputs/{self.job_id}/")
+        """Delete what this submission wrote to S3 (nothing is recorded yet)."""
+        self.writer.discard()
 
-    def _put(self, shard_no: int, docs: list[dict[str, Any]]) -> None:
-        self.storage.put_bytes(input_shard_key(self.job_id, shard_no), encode_jsonl(docs))
+    def _repeat_of(self, existing: Job) -> Job:
+        self.discard()
+        self.job, self.created = existing, False
+        return existing
 
-    def _close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def __enter__(self) -> Submission:
+        return self
 
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is not None and self.job is None:
+            self.discard()
 
-def new_intake(settings: Settings, writer: ShardWriter, *, on_invalid: OnInvalid) -> Intake:
-    """An Intake for one job. A job refused on bad lines only shows the first few, so only
-    those are kept; under on_invalid=skip each bad line becomes a failed result and all are."""
-    keep = settings.max_error_details if on_invalid == "reject" else None
-    return Intake(
-        settings=settings, sink=writer, shard_size=settings.shard_size, keep_rejected=keep
-    )
+    async def __aenter__(self) -> Submission:
+        return self
 
-
-def check_intake(intake: Intake, options: JobOptions, *, settings: Settings) -> None:
-    """Refuse the job when lines are bad and on_invalid=reject, or when nothing is left."""
-    if intake.rejected_count and options.on_invalid == "reject":
-        shown = intake.details()[: settings.max_error_details]
-        more = intake.rejected_count - len(shown)
-        raise InvalidDocuments(
-            f"{intake.rejected_count} document line(s) are invalid; fix them or send "
-            f"on_invalid=skip to run the job without them"
-            + (f" (showing the first {len(shown)}, {more} more)" if more else ""),
-            details=shown,
-        )
-    if intake.accepted + intake.rejected_count == 0:
-        raise InvalidDocuments(
-            'no documents: send at least one line {"id": …, "text": …}',
-            details=[{"field": "documents", "reason": "empty"}],
-        )
-
-
-def finish_submission(
-    *,
-    session: Session,
-    storage: Storage,
-    tenant_id: uuid.UUID,
-    job_id: uuid.UUID,
-    spec: JobSpec,
-    warnings: list[str],
-    options: JobOptions,
-    intake: Intake,
-    writer: ShardWriter,
-    idempotency_key: str | None,
-    body_hash: str | None,
-    settings: Settings,
-) -> tuple[Job, bool]:
-    """Insert the job (caller commits). Returns (job, created); an idempotent repeat returns the
-    existing job and discards what this request wrote."""
-    if idempotency_key:
-        existing = _existing(session, tenant_id, idempotency_key, body_hash)
-        if existing is not None:
-            writer.discard()
-            return existing, False
-    if intake.rejected and options.on_invalid == "skip":
-        storage.put_jsonl(
-            rejected_lines_key(job_id),
-            ({**r.detail(), "result_id": r.result_id} for r in intake.rejected),
-        )
-    prompt_chars = len(instructions_text(spec.labels, spec.instructions))
-    new = NewJob(
-        job_id=job_id,
-        max_spill_cost=options.max_spill_cost,
-        estimate=estimate(
-            settings, docs=intake.accepted, chars=intake.chars, prompt_chars=prompt_chars
-        ),
-        tenant_id=tenant_id,
-        spec=spec,
-        spill=options.spill,
-        deadline=options.deadline_at(datetime.now(UTC)),
-        metadata=options.metadata,
-        idempotency_key=idempotency_key,
-        body_hash=body_hash,
-        shard_sizes=intake.shard_sizes,
-        rejected=intake.rejected,
-        # `always` jobs go straight to the managed API; the router moves others when it must.
-        queue=QUEUE_SPILL if options.spill == "always" else gpu_queue(spec.model),
-        warnings=warnings,
-    )
-    try:
-        with session.begin_nested():
-            job = create_job(session=session, new=new)
-    except IntegrityError:
-        # Two requests with the same Idempotency-Key raced; the other one won.
-        existing = _existing(session, tenant_id, idempotency_key or "", body_hash)
-        if existing is None:
-            raise
-        writer.discard()
-        return existing, False
-    return job, True
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        # Discarding waits for writes in flight: off the event loop.
+        if kind is not None and self.job is None:
+            await asyncio.to_thread(self.discard)
 
 
 def _existing(

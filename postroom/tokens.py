@@ -45,12 +45,11 @@ class FastTokenizer:
 
 
 @functools.lru_cache(maxsize=16)
-def load(model_path: str) -> Any:
-    """A model's tokenizer for label checks: its tokenizer.json through `tokenizers`; models that
-    ship none (sentencepiece only) fall back to transformers, which loads torch."""
+def load(model_path: str) -> FastTokenizer | None:
+    """A model's tokenizer for label checks: its tokenizer.json through `tokenizers`, or None
+    for a model that ships none (sentencepiece only): the shared package never imports
+    transformers, which would load torch into the API."""
     path = Path(model_path) / "tokenizer.json"
     if path.is_file():
         return FastTokenizer(RustBackend.from_file(str(path)))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
+    return None
