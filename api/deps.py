@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.auth import admin_from_request, caller_from_request
+from postroom.queue import Celery
 from postroom.settings import Settings
 from postroom.storage import Storage
 from postroom.tenants import Caller

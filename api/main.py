@@ -18,7 +18,7 @@ from api.errors import error_response, install_error_handlers
 from api.routes import admin, batches, jobs, ops, status
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.errors import InvalidInput, PayloadTooLarge, PostroomError, RequestTimeout
-from postroom.intake import show
+from postroom.jsonsafe import show
 from postroom.logs import bound, configure_logging
 from postroom.metrics import HTTP_REQUESTS, HTTP_SECONDS, PostgresCollector
 from postroom.queue import make_celery

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from postroom.domain import Label
+from postroom.jobs import JobCounts
 from postroom.submit import JobOptions
 
 
@@ -18,16 +19,9 @@ class JobCreate(JobOptions):
     documents: list[Any] | None = Field(
         default=None, description="inline documents; for large sets use POST /v1/jobs/upload"
     )
-    input_uri: str | None = Field(default=None, description="s3://bucket/key.jsonl (coming later)")
-
-
-class JobCounts(BaseModel):
-    total: int
-    succeeded: int
-    failed: int
-    pending: int
-    spilled: int
-    cancelled: int
+    input_uri: str | None = Field(
+        default=None, description="s3://bucket/key.jsonl or .jsonl.gz, read instead of `documents`"
+    )
 
 
 class JobPublic(BaseModel):

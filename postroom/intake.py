@@ -194,23 +194,8 @@ class Intake:
         if problem:
             self._reject(None, problem[0] or None, problem[1])
             return
-        raw_id = obj.get("id")
-        doc_id: str | None
-        if raw_id is None:
-            doc_id = str(self._line)
-        elif isinstance(raw_id, str):
-            doc_id = raw_id
-        elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
-            doc_id = str(raw_id)
-        else:
-            self._reject(None, "id", f"must be a string or an integer, got {type_name(raw_id)}")
-            return
-        if not doc_id or len(doc_id) > self.settings.max_id_length:
-            self._reject(
-                show(doc_id) if doc_id else doc_id,
-                "id",
-                f"must be 1 to {self.settings.max_id_length} characters (POSTROOM_MAX_ID_LENGTH)",
-            )
+        doc_id = self._doc_id(obj.get("id"))
+        if doc_id is None:
             return
         unknown = sorted(set(obj) - ALLOWED_FIELDS)
         if unknown:
@@ -261,6 +246,27 @@ class Intake:
         self.chars += len(text)
         if len(self._buffer) >= self.shard_size:
             self._flush()
+
+    def _doc_id(self, raw_id: Any) -> str | None:
+        """The document's id (its line number when it has none); None once rejected."""
+        doc_id: str
+        if raw_id is None:
+            doc_id = str(self._line)
+        elif isinstance(raw_id, str):
+            doc_id = raw_id
+        elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            doc_id = str(raw_id)
+        else:
+            self._reject(None, "id", f"must be a string or an integer, got {type_name(raw_id)}")
+            return None
+        if not doc_id or len(doc_id) > self.settings.max_id_length:
+            self._reject(
+                show(doc_id) if doc_id else doc_id,
+                "id",
+                f"must be 1 to {self.settings.max_id_length} characters (POSTROOM_MAX_ID_LENGTH)",
+            )
+            return None
+        return doc_id
 
     def _flush(self) -> None:
         shard_no = len(self.shard_sizes)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -24,8 +25,9 @@ from postroom.shards import add_shards, cancel_unclaimed
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
 class NewJob:
-    """What a route has validated and written to S3, ready to become rows."""
+    """What a submission has validated and written to S3, ready to become rows."""
 
     job_id: uuid.UUID
     tenant_id: uuid.UUID
@@ -113,8 +115,9 @@ def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     return job
 
 
-@dataclass(frozen=True)
-class JobCounts:
+class JobCounts(BaseModel):
+    """Documents of a job by outcome (also the `counts` of the API's JobPublic)."""
+
     total: int
     succeeded: int
     failed: int

@@ -6,11 +6,9 @@ import contextlib
 import logging
 from typing import Any
 
-from celery import Celery, signals
-
 from postroom.logs import configure_logging
 from postroom.metrics import WorkerCollector, serve_metrics
-from postroom.queue import QUEUE_SPILL, gpu_queue, make_celery
+from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, make_celery, signals
 from postroom.settings import Settings
 from worker.runtime import Runtime, get_runtime, set_runtime
 from worker.tasks import register_tasks

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Worker
 from postroom.db.session import make_engine, make_sessionmaker
-from postroom.jobs import extend_leases
 from postroom.settings import DEFAULT_TINY_MODEL_DIR, Settings
+from postroom.shards import extend_leases
 from postroom.storage import Storage
 from worker.classifier import Classifier, EngineClassifier, NullClassifier
 from worker.engine import EngineAdapter

@@ -1,4 +1,4 @@
-"""Celery task bodies, kept thin: claim → read → classify → write → finish.
+"""Celery task bodies of `postroom worker`, kept thin: claim → read → classify → write → finish.
 
 Safe to run twice: the claim in Postgres lets one delivery work a shard, the S3 result key is
 derived from (job, shard) and overwritten, result rows are upserted on (job_id, doc_id), and the
@@ -12,30 +12,30 @@ import os
 import random
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-from celery import Celery, Task
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from postroom.db.models import Job, Shard
+from postroom.backlog import shard_admission
 from postroom.domain import DocResult, JobSpec, JobStatus
 from postroom.errors import EngineDeadError
-from postroom.jobs import (
+from postroom.jobs import WorkOrder, work_order
+from postroom.keys import input_shard_key, result_shard_key
+from postroom.logs import bound
+from postroom.metrics import SHARDS, observe_shard
+from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task, publish_and_record
+from postroom.results import result_line, upsert_results
+from postroom.shards import (
+    Claimed,
     child_shard_nos,
     claim_shard,
     finish_shard,
-    mark_published,
     mark_results_written,
     release_shard,
     split_shard,
 )
-from postroom.keys import input_shard_key, result_shard_key
-from postroom.logs import bound
-from postroom.metrics import SHARDS, observe_shard
-from postroom.queue import TASK_CLASSIFY_SHARD, publish_shard
-from postroom.results import result_line, upsert_results
+from postroom.storage import StorageError
 from worker.classifier import ModelNotHosted
 from worker.runtime import Runtime, get_runtime
 from worker.spill import SpillUnavailable
@@ -43,8 +43,7 @@ from worker.spill import SpillUnavailable
 logger = logging.getLogger(__name__)
 
 TRANSIENT = (
-    BotoCoreError,
-    ClientError,
+    StorageError,
     OperationalError,
     ModelNotHosted,
     TimeoutError,
@@ -78,11 +77,7 @@ def run_shard(
     died, or it is a part of a split) runs alone in this worker, and nothing else is even claimed
     meanwhile, so a crash while it runs is pinned on it and on no other shard."""
     with runtime.sessions() as session:
-        peek = session.execute(
-            select(Shard.attempt, Shard.releases, Job.shard_count)
-            .join(Job, Job.id == Shard.job_id)
-            .where(Shard.job_id == job_id, Shard.shard_no == shard_no)
-        ).one_or_none()
+        peek = shard_admission(session=session, job_id=job_id, shard_no=shard_no)
     if peek is None:
         logger.warning("no such shard: the message is stale")
         return {"claimed": False}
@@ -91,132 +86,177 @@ def run_shard(
         return _run_admitted(runtime, job_id, shard_no, celery=celery)
 
 
+@dataclass
+class ShardRun:
+    """One claimed shard on its way through this worker, and where its time went."""
+
+    job_id: uuid.UUID
+    shard_no: int
+    claimed: Claimed
+    order: WorkOrder
+    marks: dict[str, float] = field(default_factory=lambda: {"started": time.monotonic()})
+    results: list[DocResult] = field(default_factory=list)
+
+    def mark(self, step: str) -> None:
+        self.marks[step] = time.monotonic()
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.order.spec
+
+
 def _run_admitted(
     runtime: Runtime, job_id: uuid.UUID, shard_no: int, *, celery: Celery
 ) -> dict[str, Any]:
-    settings = runtime.settings
-    started = time.monotonic()
+    run = _claim(runtime, job_id, shard_no)
+    if run is None:
+        logger.info("shard not claimable (done, running elsewhere or cancelled): no-op")
+        return {"claimed": False}
+    attempt = run.claimed.attempt
+    runtime.hold(job_id, shard_no, attempt)
+    try:
+        docs = list(runtime.storage.iter_jsonl(input_shard_key(job_id, shard_no)))
+        run.mark("read")
+        # Attempts are counted at claim time, so a worker that crashed on this shard counted too.
+        limit = (
+            runtime.settings.max_attempts
+            if shard_no < run.order.shard_count
+            else runtime.settings.split_max_attempts
+        )
+        if run.claimed.crashes >= limit and len(docs) > 1:
+            return split_poison_shard(runtime, run, docs, celery)
+        run.results = _classify(runtime, run, docs, poison=run.claimed.crashes >= limit)
+        run.mark("classified")
+        if not _commit(runtime, run, docs):
+            return {"claimed": True, "committed": False}
+        _write_results(runtime, run)
+    except TRANSIENT:
+        _release(runtime, run)
+        raise
+    finally:
+        runtime.drop(job_id, shard_no)
+    return _done(runtime, run)
+
+
+def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | None:
     with runtime.sessions.begin() as session:
         claimed = claim_shard(
             session=session,
             job_id=job_id,
             shard_no=shard_no,
             worker=runtime.name,
-            lease_seconds=settings.lease_seconds,
+            lease_seconds=runtime.settings.lease_seconds,
             route=runtime.route,
         )
         if claimed is None:
-            logger.info("shard not claimable (done, running elsewhere or cancelled): no-op")
-            return {"claimed": False}
-        attempt, crashes = claimed
-        job_row = session.execute(
-            select(Job.spec, Job.status, Job.shard_count).where(Job.id == job_id)
-        ).one()
-        queue = session.execute(
-            select(Shard.queue).where(Shard.job_id == job_id, Shard.shard_no == shard_no)
-        ).scalar_one()
-    spec = JobSpec.model_validate(job_row.spec)
-    runtime.hold(job_id, shard_no, attempt)
-    t_claimed = time.monotonic()
-    try:
-        docs = list(runtime.storage.iter_jsonl(input_shard_key(job_id, shard_no)))
-        t_read = time.monotonic()
-        # Attempts are counted at claim time, so a worker that crashed on this shard counted too.
-        limit = (
-            settings.max_attempts if shard_no < job_row.shard_count else settings.split_max_attempts
+            return None
+        order = work_order(session=session, job_id=job_id)
+    run = ShardRun(job_id, shard_no, claimed, order)
+    run.mark("claimed")
+    return run
+
+
+def _classify(
+    runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]], *, poison: bool
+) -> list[DocResult]:
+    if poison:
+        reason = (
+            f"poison: this document crashed or hung the worker {run.claimed.crashes} time(s); "
+            "it was isolated from its shard and skipped"
         )
-        if crashes >= limit and len(docs) > 1:
-            return split_poison_shard(
-                runtime,
-                job_id,
-                shard_no,
-                attempt,
-                crashes,
-                docs,
-                queue,
-                job_row.shard_count,
-                celery,
-            )
-        if crashes >= limit:
-            reason = (
-                f"poison: this document crashed or hung the worker {crashes} time(s); it was "
-                "isolated from its shard and skipped"
-            )
-            results = [DocResult(id=str(d["id"]), error=reason) for d in docs]
-        elif job_row.status == JobStatus.cancelled:
-            results = [DocResult(id=str(d["id"]), error="cancelled") for d in docs]
-        else:
-            assert runtime.classifier is not None
-            marker = settings.fault_poison_marker
-            if marker and any(marker in str(d["text"]) for d in docs):
-                # Fault injection (tests only): this document "crashes the engine".
-                raise EngineDeadError("fault injection: poison document")
-            results = runtime.classifier.classify(
-                job_id=job_id, spec=spec, shard=f"{job_id}/{shard_no}", docs=docs
-            )
-            results = check_labels(spec, results)
-        t_classified = time.monotonic()
-        lines = [
-            result_line(r, route=runtime.route, model=spec.model, revision=spec.revision)
-            for r in results
-        ]
-        failed = sum(1 for r in results if r.error)
-        with runtime.sessions.begin() as session:
-            # Rows first, the fenced finish last: finish_shard locks the job row to complete it,
-            # and that lock is then held only for the moment before the commit, so shards of one
-            # job finishing together do not queue behind each other's upserts.
-            upsert_results(
-                session=session,
-                job_id=job_id,
-                shard_no=shard_no,
-                attempt=attempt,
-                route=runtime.route,
-                model=spec.model,
-                revision=spec.revision,
-                results=[(int(d["line"]), r) for d, r in zip(docs, results, strict=True)],
-            )
-            won = finish_shard(
-                session=session,
-                job_id=job_id,
-                shard_no=shard_no,
-                attempt=attempt,
-                succeeded=len(results) - failed,
-                failed=failed,
-                route=runtime.route,
-                tokens_in=sum(r.tokens_in for r in results),
-                tokens_out=sum(r.tokens_out for r in results),
-            )
-            if not won:
-                # Fenced out: roll back the rows written above with everything else.
-                session.rollback()
-                SHARDS.labels(runtime.route, "lease_lost").inc()
-                logger.warning("lease lost before commit (attempt %d): results discarded", attempt)
-                return {"claimed": True, "committed": False}
-        t_committed = seconds_done = time.monotonic()
-        seconds = seconds_done - started
-        observe_shard(
-            settings=settings,
+        return [DocResult(id=str(d["id"]), error=reason) for d in docs]
+    if run.order.status == JobStatus.cancelled:
+        return [DocResult(id=str(d["id"]), error="cancelled") for d in docs]
+    assert runtime.classifier is not None
+    marker = runtime.settings.fault_poison_marker
+    if marker and any(marker in str(d["text"]) for d in docs):
+        # Fault injection (tests only): this document "crashes the engine".
+        raise EngineDeadError("fault injection: poison document")
+    results = runtime.classifier.classify(
+        job_id=run.job_id, spec=run.spec, shard=f"{run.job_id}/{run.shard_no}", docs=docs
+    )
+    return check_labels(run.spec, results)
+
+
+def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool:
+    """Result rows and the fenced finish in one transaction; False when the lease was lost."""
+    results, spec = run.results, run.spec
+    failed = sum(1 for r in results if r.error)
+    with runtime.sessions.begin() as session:
+        # Rows first, the fenced finish last: finish_shard locks the job row to complete it,
+        # and that lock is then held only for the moment before the commit, so shards of one
+        # job finishing together do not queue behind each other's upserts.
+        upsert_results(
+            session=session,
+            job_id=run.job_id,
+            shard_no=run.shard_no,
+            attempt=run.claimed.attempt,
             route=runtime.route,
             model=spec.model,
-            results=results,
-            seconds=seconds,
+            revision=spec.revision,
+            results=[(int(d["line"]), r) for d, r in zip(docs, results, strict=True)],
         )
-        # Only the attempt that won the fenced commit gets here, so a worker that lost its lease
-        # can never overwrite the object. A crash before this line leaves the object to the
-        # reaper, which rebuilds it from the committed rows.
-        runtime.storage.put_jsonl(result_shard_key(job_id, shard_no), lines)
+        won = finish_shard(
+            session=session,
+            job_id=run.job_id,
+            shard_no=run.shard_no,
+            attempt=run.claimed.attempt,
+            succeeded=len(results) - failed,
+            failed=failed,
+            route=runtime.route,
+            tokens_in=sum(r.tokens_in for r in results),
+            tokens_out=sum(r.tokens_out for r in results),
+        )
+        if not won:
+            # Fenced out: roll back the rows written above with everything else.
+            session.rollback()
+            SHARDS.labels(runtime.route, "lease_lost").inc()
+            logger.warning(
+                "lease lost before commit (attempt %d): results discarded", run.claimed.attempt
+            )
+            return False
+    run.mark("committed")
+    return True
+
+
+def _write_results(runtime: Runtime, run: ShardRun) -> None:
+    """The S3 result object, after the fenced commit: only the attempt that won gets here, so a
+    worker that lost its lease never overwrites it. A crash before it leaves the object to the
+    reaper, which rebuilds it from the committed rows."""
+    spec = run.spec
+    observe_shard(
+        settings=runtime.settings,
+        route=runtime.route,
+        model=spec.model,
+        results=run.results,
+        seconds=run.marks["committed"] - run.marks["started"],
+    )
+    lines = [
+        result_line(r, route=runtime.route, model=spec.model, revision=spec.revision)
+        for r in run.results
+    ]
+    runtime.storage.put_jsonl(result_shard_key(run.job_id, run.shard_no), lines)
+    with runtime.sessions.begin() as session:
+        mark_results_written(session=session, job_id=run.job_id, shard_no=run.shard_no)
+
+
+def _release(runtime: Runtime, run: ShardRun) -> None:
+    SHARDS.labels(runtime.route, "released").inc()
+    try:
         with runtime.sessions.begin() as session:
-            mark_results_written(session=session, job_id=job_id, shard_no=shard_no)
-    except TRANSIENT:
-        SHARDS.labels(runtime.route, "released").inc()
-        try:
-            with runtime.sessions.begin() as session:
-                release_shard(session=session, job_id=job_id, shard_no=shard_no, attempt=attempt)
-        except OperationalError as e:  # the database is down too: the lease will run out instead
-            logger.warning("could not release the shard (%s); its lease will expire", e)
-        raise
-    finally:
-        runtime.drop(job_id, shard_no)
+            release_shard(
+                session=session,
+                job_id=run.job_id,
+                shard_no=run.shard_no,
+                attempt=run.claimed.attempt,
+            )
+    except OperationalError as e:  # the database is down too: the lease will run out instead
+        logger.warning("could not release the shard (%s); its lease will expire", e)
+
+
+def _done(runtime: Runtime, run: ShardRun) -> dict[str, Any]:
+    results, marks = run.results, run.marks
+    failed = sum(1 for r in results if r.error)
     runtime.docs_done += len(results)
     runtime.shards_done += 1
     ended = time.monotonic()
@@ -226,27 +266,19 @@ def _run_admitted(
         "classify=%.3f commit=%.3f write=%.3f",
         len(results),
         failed,
-        ended - started,
-        attempt,
-        t_claimed - started,
-        t_read - t_claimed,
-        t_classified - t_read,
-        t_committed - t_classified,
-        ended - t_committed,
+        ended - marks["started"],
+        run.claimed.attempt,
+        marks["claimed"] - marks["started"],
+        marks["read"] - marks["claimed"],
+        marks["classified"] - marks["read"],
+        marks["committed"] - marks["classified"],
+        ended - marks["committed"],
     )
     return {"claimed": True, "committed": True, "docs": len(results), "failed": failed}
 
 
 def split_poison_shard(
-    runtime: Runtime,
-    job_id: uuid.UUID,
-    shard_no: int,
-    attempt: int,
-    crashes: int,
-    docs: list[dict[str, Any]],
-    queue: str,
-    shard_count: int,
-    celery: Celery,
+    runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]], celery: Celery
 ) -> dict[str, Any]:
     """Replace a shard that keeps killing workers by up to `split_fanout` parts, to corner the
     poison. Parts run alone in their worker (see Runtime.exclusive), so a crash is theirs.
@@ -254,18 +286,21 @@ def split_poison_shard(
     Child inputs are written under deterministic keys before the fenced commit, so a crash in
     between leaves the parent to expire and split again into the same children.
     """
+    job_id, queue = run.job_id, run.claimed.queue
     fanout = runtime.settings.split_fanout
     count = min(fanout, len(docs))
     parts = [docs[i * len(docs) // count : (i + 1) * len(docs) // count] for i in range(count)]
-    children = child_shard_nos(shard_no, shard_count=shard_count, fanout=fanout, parts=count)
+    children = child_shard_nos(
+        run.shard_no, shard_count=run.order.shard_count, fanout=fanout, parts=count
+    )
     for child, part in zip(children, parts, strict=True):
         runtime.storage.put_jsonl(input_shard_key(job_id, child), part)
     with runtime.sessions.begin() as session:
         created = split_shard(
             session=session,
             job_id=job_id,
-            shard_no=shard_no,
-            attempt=attempt,
+            shard_no=run.shard_no,
+            attempt=run.claimed.attempt,
             children=children,
             child_sizes=[len(p) for p in parts],
             queue=queue,
@@ -273,15 +308,10 @@ def split_poison_shard(
     if not created:
         return {"claimed": True, "committed": False}
     SHARDS.labels(runtime.route, "split").inc()
-    published = []
-    for child in created:
-        publish_shard(celery, job_id=str(job_id), shard_no=child, queue=queue)
-        published.append((job_id, child))
-    with runtime.sessions.begin() as session:
-        mark_published(session=session, shards=published)
+    publish_and_record(celery, runtime.sessions, [(job_id, child, queue) for child in created])
     logger.warning(
         "shard crashed %d workers: split into %s to isolate the poison",
-        crashes,
+        run.claimed.crashes,
         created,
     )
     return {"claimed": True, "split": created}

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy import and_, or_, select
 
 from api.deps import AdminDep, SessionDep
-from api.routes.jobs import decode_cursor, encode_cursor
+from api.pages import decode_cursor, encode_cursor
 from postroom.db.models import Job, Tenant
 from postroom.errors import NotFound
 from postroom.tenants import KeyInfo, list_keys, revoke_key

@@ -16,7 +16,8 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import CallerDep, SessionDep, SettingsDep
-from api.routes.jobs import ERRORS, job_public
+from api.job_view import job_public
+from api.routes.jobs import ERRORS
 from api.schemas import JobPublic
 from postroom.db.models import Job, Shard, Worker
 from postroom.domain import JOB_ACTIVE, ShardState

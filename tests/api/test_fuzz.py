@@ -21,7 +21,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from postroom.intake import Intake, LineSplitter, LineStream, feed_lines
+from postroom.intake import Intake
+from postroom.lines import LineSplitter, LineStream, feed_lines
 from postroom.settings import Settings
 
 SETTINGS = Settings(max_document_bytes=300, max_id_length=8, max_metadata_depth=3)

@@ -1,25 +1,13 @@
-"""Line splitting and per-line validation (pure: no services)."""
+"""Per-line validation and shard cutting (pure: no services)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from typing import Any
 
-import pytest
-
-from postroom.errors import InvalidInput, PayloadTooLarge
-from postroom.intake import (
-    Gunzip,
-    IdSet,
-    Intake,
-    LineSplitter,
-    LineStream,
-    feed_lines,
-    parse_json,
-    show,
-    text_problem,
-)
+from postroom.intake import IdSet, Intake
+from postroom.jsonsafe import parse_json, show, text_problem
+from postroom.lines import feed_lines
 from postroom.settings import Settings
 
 
@@ -31,14 +19,6 @@ def _intake(shard_size: int = 2, **overrides: Any) -> tuple[Intake, list[tuple[i
         shard_size=shard_size,
     )
     return intake, shards
-
-
-def test_splitter_joins_chunks_and_flags_overlong_lines_once() -> None:
-    splitter = LineSplitter(max_bytes=10)
-    out = splitter.feed(b'{"a"') + splitter.feed(b":1}\nshort\r\n" + b"x" * 25)
-    out += splitter.feed(b"y" * 5 + b"\nlast")
-    out += splitter.end()
-    assert out == [b'{"a":1}', b"short", None, b"last"]
 
 
 def test_shards_fill_in_order_and_keep_line_numbers() -> None:
@@ -145,39 +125,6 @@ def test_show_makes_user_strings_safe_to_echo() -> None:
     assert show("a\x00b\ud800") == "a\\x00b\\ud800"
     assert show("x" * 50) == "x" * 40 + "…"
     assert text_problem("fine") is None
-
-
-def test_gunzip_streams_members_and_refuses_bombs_and_garbage() -> None:
-    data = b'{"id": "a", "text": "x"}\n' * 1000
-    packed = gzip.compress(data[:500]) + gzip.compress(data[500:])
-    unzip = Gunzip(max_bytes=10**6, max_ratio=100)
-    out = b"".join(part for i in range(0, len(packed), 7) for part in unzip.feed(packed[i : i + 7]))
-    unzip.end()
-    assert out == data
-    bomb = gzip.compress(b"\n" * 10_000_000)
-    with pytest.raises(PayloadTooLarge, match="POSTROOM_MAX_GZIP_RATIO"):
-        list(Gunzip(max_bytes=10**9, max_ratio=100).feed(bomb))
-    with pytest.raises(PayloadTooLarge, match="POSTROOM_MAX_UPLOAD_BYTES"):
-        list(Gunzip(max_bytes=1000, max_ratio=10**6).feed(gzip.compress(data)))
-    with pytest.raises(InvalidInput, match="not valid gzip"):
-        list(Gunzip(max_bytes=1000, max_ratio=100).feed(b"plain text"))
-    cut = Gunzip(max_bytes=10**6, max_ratio=100)
-    list(cut.feed(gzip.compress(data)[:-10]))
-    with pytest.raises(InvalidInput, match="truncated"):
-        cut.end()
-
-
-def test_line_stream_holds_uploads_to_the_size_limit_after_decompression() -> None:
-    body = b'{"text": "x"}\n' * 100  # 1,400 bytes
-    intake, _ = _intake(max_upload_bytes=1000)
-    stream = LineStream(intake, gzip=True, name="upload.jsonl.gz")
-    with pytest.raises(PayloadTooLarge, match=r"upload\.jsonl\.gz decompresses to more than 1,000"):
-        stream.feed(gzip.compress(body))
-    intake, _ = _intake(max_upload_bytes=1000)
-    stream = LineStream(intake, gzip=False, name="the request body")
-    stream.feed(body[:900])
-    with pytest.raises(PayloadTooLarge, match=r"the request body is over 1,000 bytes"):
-        stream.feed(body[900:])
 
 
 def test_id_set_grows_and_never_forgets() -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from postroom.keys import input_shard_key
 from postroom.settings import Settings
+from postroom.shard_writer import ShardWriter
 from postroom.storage import Storage
-from postroom.submit import ShardWriter
 from postroom.tokens import load
 
 LABELS = ["billing", "bills", "bug report", "bugfix", "praise", "question", "refund", "other"]
@@ -70,7 +70,7 @@ def test_the_api_checks_labels_without_loading_torch() -> None:
     code = (
         "import sys, api.main\n"
         "from postroom.settings import Settings\n"
-        "from postroom.submit import label_collisions\n"
+        "from postroom.labels import label_collisions\n"
         f"label_collisions(Settings().model_path('minilm'), {tuple(LABELS)!r})\n"
         "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))\n"
     )
