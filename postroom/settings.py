@@ -198,8 +198,8 @@ class Settings(BaseSettings):
     inbox_settle_seconds: float = Field(default=5.0, ge=0)
     # An ingest or finalize claim older than this is taken over by a later tick (its owner died).
     inbox_lease_seconds: PositiveInt = 600
-    # A .jsonl.gz is refused past this many bytes decompressed, or past this ratio of output to
-    # input once over 64 MiB out (a gzip bomb).
+    # A drop-folder file is refused past this many bytes (after decompression), and a .jsonl.gz
+    # past this ratio of output to input once over 1 MiB out (a gzip bomb), as uploads are.
     inbox_max_decompressed_bytes: PositiveInt = 8 * 1024**3
     inbox_max_gzip_ratio: PositiveInt = 100
 
