@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from postroom.errors import InvalidInput, PayloadTooLarge
@@ -71,34 +72,53 @@ class LineSplitter:
         return [line]
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """How much a stream of documents may hold after decompression and how much gzip may
+    expand it, with the settings that say so (named in errors)."""
+
+    max_bytes: int
+    max_ratio: int
+    bytes_setting: str = "POSTROOM_MAX_UPLOAD_BYTES"
+    ratio_setting: str = "POSTROOM_MAX_GZIP_RATIO"
+
+    @classmethod
+    def uploads(cls, settings: Settings) -> StreamLimits:
+        """Uploads, `input_uri` objects and batch files."""
+        return cls(settings.max_upload_bytes, settings.max_gzip_ratio)
+
+    @classmethod
+    def drop_folder(cls, settings: Settings) -> StreamLimits:
+        """Files of the S3 drop folder."""
+        return cls(
+            settings.inbox_max_decompressed_bytes,
+            settings.inbox_max_gzip_ratio,
+            "POSTROOM_INBOX_MAX_DECOMPRESSED_BYTES",
+            "POSTROOM_INBOX_MAX_GZIP_RATIO",
+        )
+
+
 class LineStream:
-    """Bytes as they arrive (gzip or not) → lines → `intake`, within `max_bytes` (default
-    POSTROOM_MAX_UPLOAD_BYTES) counted after decompression; `limits` names the settings behind
-    `max_bytes` and `max_ratio` in errors. Every byte stream of documents goes through one."""
+    """Bytes as they arrive (gzip or not) → lines → `intake`, within `limits` (default: those of
+    uploads) counted after decompression. Every byte stream of documents goes through one."""
 
     def __init__(
-        self,
-        intake: LineSink,
-        *,
-        gzip: bool,
-        name: str,
-        max_bytes: int | None = None,
-        max_ratio: int | None = None,
-        limits: tuple[str, str] = ("POSTROOM_MAX_UPLOAD_BYTES", "POSTROOM_MAX_GZIP_RATIO"),
+        self, intake: LineSink, *, gzip: bool, name: str, limits: StreamLimits | None = None
     ) -> None:
         settings = intake.settings
+        limits = limits or StreamLimits.uploads(settings)
         self.intake = intake
         self.name = name
-        self.max_bytes = max_bytes or settings.max_upload_bytes
+        self.max_bytes = limits.max_bytes
         self.limits = limits
         self.bytes = 0
         self.splitter = LineSplitter(settings.max_document_bytes)
         self.gunzip = (
             Gunzip(
-                max_bytes=self.max_bytes,
-                max_ratio=max_ratio or settings.max_gzip_ratio,
+                max_bytes=limits.max_bytes,
+                max_ratio=limits.max_ratio,
                 name=name,
-                limits=limits,
+                limits=(limits.bytes_setting, limits.ratio_setting),
             )
             if gzip
             else None
@@ -120,7 +140,7 @@ class LineStream:
         self.bytes += len(data)
         if self.bytes > self.max_bytes:
             raise PayloadTooLarge(
-                f"{self.name} is over {self.max_bytes:,} bytes ({self.limits[0]}); "
+                f"{self.name} is over {self.max_bytes:,} bytes ({self.limits.bytes_setting}); "
                 "split it into smaller uploads",
                 details=[{"field": "body", "reason": "size over the limit"}],
             )

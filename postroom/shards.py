@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -112,6 +113,16 @@ def claim_shard(
     return Claimed(attempt=attempt[0], crashes=attempt[0] - 1 - attempt[1], queue=attempt[2])
 
 
+def _held(job_id: uuid.UUID, shard_no: int, attempt: int) -> Any:
+    """The fence: the shard is running and this attempt still holds it."""
+    return and_(
+        Shard.job_id == job_id,
+        Shard.shard_no == shard_no,
+        Shard.attempt == attempt,
+        Shard.state == ShardState.running,
+    )
+
+
 def extend_leases(
     *, session: Session, leases: Sequence[tuple[uuid.UUID, int, int]], lease_seconds: int
 ) -> int:
@@ -120,12 +131,7 @@ def extend_leases(
     for job_id, shard_no, attempt in leases:
         result = session.execute(
             update(Shard)
-            .where(
-                Shard.job_id == job_id,
-                Shard.shard_no == shard_no,
-                Shard.attempt == attempt,
-                Shard.state == ShardState.running,
-            )
+            .where(_held(job_id, shard_no, attempt))
             .values(lease_until=func.now() + timedelta(seconds=lease_seconds))
         )
         extended += result.rowcount  # type: ignore[attr-defined]
@@ -136,12 +142,7 @@ def release_shard(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt
     """Give a shard back after a transient failure so another delivery can claim it."""
     result = session.execute(
         update(Shard)
-        .where(
-            Shard.job_id == job_id,
-            Shard.shard_no == shard_no,
-            Shard.attempt == attempt,
-            Shard.state == ShardState.running,
-        )
+        .where(_held(job_id, shard_no, attempt))
         .values(state=ShardState.queued, lease_until=None, worker=None, releases=Shard.releases + 1)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -166,12 +167,7 @@ def finish_shard(
     """
     won = session.execute(
         update(Shard)
-        .where(
-            Shard.job_id == job_id,
-            Shard.shard_no == shard_no,
-            Shard.attempt == attempt,
-            Shard.state == ShardState.running,
-        )
+        .where(_held(job_id, shard_no, attempt))
         .values(
             state=ShardState.done,
             succeeded=succeeded,
@@ -280,12 +276,7 @@ def split_shard(
     """
     won = session.execute(
         update(Shard)
-        .where(
-            Shard.job_id == job_id,
-            Shard.shard_no == shard_no,
-            Shard.attempt == attempt,
-            Shard.state == ShardState.running,
-        )
+        .where(_held(job_id, shard_no, attempt))
         .values(state=ShardState.replaced, lease_until=None, finished_at=func.now())
         .returning(Shard.shard_no)
     ).scalar_one_or_none()

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,7 +38,7 @@ from postroom.intake import Intake
 from postroom.jobs import NewJob, create_job
 from postroom.keys import rejected_lines_key
 from postroom.labels import label_collisions, validate_labels
-from postroom.lines import LineStream
+from postroom.lines import LineStream, StreamLimits
 from postroom.prompts import instructions_text
 from postroom.queue import Celery, gpu_queue, publish_job
 from postroom.registry import choose_model
@@ -189,25 +188,10 @@ class Submission:
         if self.writer.backlogged:
             self.writer.drain()
 
-    def open_stream(
-        self,
-        *,
-        gzip: bool,
-        name: str,
-        max_bytes: int | None = None,
-        max_ratio: int | None = None,
-        limits: tuple[str, str] = ("POSTROOM_MAX_UPLOAD_BYTES", "POSTROOM_MAX_GZIP_RATIO"),
-    ) -> None:
-        """Get ready for `feed`: JSONL bytes (gzip or not), at most `max_bytes` after
-        decompression (default POSTROOM_MAX_UPLOAD_BYTES; `limits` names the settings)."""
-        self._stream = LineStream(
-            self.intake,
-            gzip=gzip,
-            name=name,
-            max_bytes=max_bytes,
-            max_ratio=max_ratio,
-            limits=limits,
-        )
+    def open_stream(self, *, gzip: bool, name: str, limits: StreamLimits | None = None) -> None:
+        """Get ready for `feed`: JSONL bytes (gzip or not), within `limits` (default: those of
+        uploads, POSTROOM_MAX_UPLOAD_BYTES and POSTROOM_MAX_GZIP_RATIO)."""
+        self._stream = LineStream(self.intake, gzip=gzip, name=name, limits=limits)
 
     def feed(self, chunk: bytes, *, wait: bool = True) -> None:
         """The next bytes of the stream. With `wait=False` (an event loop) it never blocks: the
@@ -328,24 +312,14 @@ class Submission:
     def __enter__(self) -> Submission:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if kind is not None and self.job is None:
             self.discard()
 
     async def __aenter__(self) -> Submission:
         return self
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
         # Discarding waits for writes in flight: off the event loop.
         if kind is not None and self.job is None:
             await asyncio.to_thread(self.discard)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -41,27 +42,31 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _submit(
-    submission: Submission,
-    *,
-    session: Session,
-    celery: Celery,
-    tenant_id: uuid.UUID,
-    idempotency_key: str | None,
-    digest: str,
-    response: Response,
-    settings: Settings,
-) -> JobPublic:
+@dataclass(frozen=True)
+class Edge:
+    """What a way in hands to `_submit` besides the submission: its caller and its response."""
+
+    celery: Celery
+    tenant_id: uuid.UUID
+    idempotency_key: str | None
+    response: Response
+    settings: Settings
+
+
+def _submit(submission: Submission, digest: str, edge: Edge, *, session: Session) -> JobPublic:
     """Record → commit → publish → commit, the same for every way in: 201 for a new job, 200
     for an idempotent repeat (the same key and body)."""
     job = submission.record(
-        session=session, tenant_id=tenant_id, idempotency_key=idempotency_key, body_hash=digest
+        session=session,
+        tenant_id=edge.tenant_id,
+        idempotency_key=edge.idempotency_key,
+        body_hash=digest,
     )
     session.commit()
-    if submission.publish(session=session, celery=celery):
+    if submission.publish(session=session, celery=edge.celery):
         session.commit()
-    response.status_code = 201 if submission.created else 200
-    return job_public(session=session, job=job, settings=settings)
+    edge.response.status_code = 201 if submission.created else 200
+    return job_public(session=session, job=job, settings=edge.settings)
 
 
 @router.post("", status_code=201, responses=ERRORS)
@@ -95,16 +100,8 @@ def create_job(
             for doc in documents if isinstance(documents, list) else body.documents or []:
                 sub.add(doc)
         sub.seal()
-    return _submit(
-        sub,
-        session=session,
-        celery=celery,
-        tenant_id=caller.tenant_id,
-        idempotency_key=idempotency_key,
-        digest=body_hash(*digest_parts),
-        response=response,
-        settings=settings,
-    )
+    edge = Edge(celery, caller.tenant_id, idempotency_key, response, settings)
+    return _submit(sub, body_hash(*digest_parts), edge, session=session)
 
 
 def _check_sources(body: JobCreate, *, settings: Settings) -> None:
@@ -185,18 +182,11 @@ async def upload_job(
                 await run_in_threadpool(sub.drain)
         await run_in_threadpool(sub.seal)
 
+    edge = Edge(celery, caller.tenant_id, idempotency_key, response, settings)
+
     def finish() -> JobPublic:
         with sessions() as session:
-            return _submit(
-                sub,
-                session=session,
-                celery=celery,
-                tenant_id=caller.tenant_id,
-                idempotency_key=idempotency_key,
-                digest=hasher.hexdigest(),
-                response=response,
-                settings=settings,
-            )
+            return _submit(sub, hasher.hexdigest(), edge, session=session)
 
     return await run_in_threadpool(finish)
 

@@ -12,6 +12,7 @@ from postroom.db.models import Job, Shard
 from postroom.domain import JobSpec, Label
 from postroom.intake import Rejected
 from postroom.jobs import NewJob, create_job
+from postroom.shards import Claimed, claim_shard, finish_shard
 from postroom.tenants import ensure_tenant
 
 SPEC = JobSpec(
@@ -65,3 +66,35 @@ def shard_row(sessions: sessionmaker[Session], job_id: uuid.UUID, shard_no: int)
 def job_status(sessions: sessionmaker[Session], job_id: uuid.UUID) -> str:
     with sessions() as session:
         return str(session.execute(select(Job.status).where(Job.id == job_id)).scalar_one())
+
+
+def claim(
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    shard_no: int,
+    *,
+    lease: int = 60,
+    route: str = "gpu",
+) -> Claimed | None:
+    with sessions.begin() as session:
+        return claim_shard(
+            session=session,
+            job_id=job_id,
+            shard_no=shard_no,
+            worker="w1",
+            lease_seconds=lease,
+            route=route,
+        )
+
+
+def finish(sessions: sessionmaker[Session], job_id: uuid.UUID, shard_no: int, attempt: int) -> bool:
+    with sessions.begin() as session:
+        return finish_shard(
+            session=session,
+            job_id=job_id,
+            shard_no=shard_no,
+            attempt=attempt,
+            succeeded=3,
+            failed=0,
+            route="gpu",
+        )

@@ -11,7 +11,9 @@ from postroom.lines import feed_lines
 from postroom.settings import Settings
 
 
-def _intake(shard_size: int = 2, **overrides: Any) -> tuple[Intake, list[tuple[int, list[Any]]]]:
+def make_intake(
+    shard_size: int = 2, **overrides: Any
+) -> tuple[Intake, list[tuple[int, list[Any]]]]:
     shards: list[tuple[int, list[Any]]] = []
     intake = Intake(
         settings=Settings(**overrides),
@@ -22,7 +24,7 @@ def _intake(shard_size: int = 2, **overrides: Any) -> tuple[Intake, list[tuple[i
 
 
 def test_shards_fill_in_order_and_keep_line_numbers() -> None:
-    intake, shards = _intake(shard_size=2)
+    intake, shards = make_intake(shard_size=2)
     for i in range(5):
         intake.add_line(json.dumps({"id": f"d{i}", "text": "t"}).encode())
     intake.finish()
@@ -33,7 +35,7 @@ def test_shards_fill_in_order_and_keep_line_numbers() -> None:
 
 
 def test_every_bad_line_has_its_own_reason() -> None:
-    intake, shards = _intake(max_id_length=5)
+    intake, shards = make_intake(max_id_length=5)
     lines = [
         b"[1, 2]",
         b'{"id": "ok", "text": "fine"}',
@@ -67,7 +69,7 @@ def test_every_bad_line_has_its_own_reason() -> None:
 
 
 def test_unknown_fields_are_named() -> None:
-    intake, _ = _intake()
+    intake, _ = make_intake()
     intake.add_object({"id": "a", "text": "x", "lang": "en"})
     (rejected,) = intake.rejected
     assert rejected.field == "lang"
@@ -75,7 +77,7 @@ def test_unknown_fields_are_named() -> None:
 
 
 def test_json_that_cannot_be_stored_is_named_by_path() -> None:
-    intake, shards = _intake(max_metadata_depth=2)
+    intake, shards = make_intake(max_metadata_depth=2)
     lines = [
         b'{"id": "a", "text": "x", "text": "y"}',
         b'{"id": "b", "text": "x", "metadata": {"k": {"z": 1, "z": 2}}}',
@@ -108,7 +110,7 @@ def test_json_that_cannot_be_stored_is_named_by_path() -> None:
 
 
 def test_inline_documents_get_the_byte_limit_and_hidden_duplicates() -> None:
-    intake, shards = _intake(max_document_bytes=100)
+    intake, shards = make_intake(max_document_bytes=100)
     intake.add_object({"id": "big", "text": "é" * 60})  # 120 bytes as UTF-8
     intake.add_object(parse_json(b'{"id": "dup", "text": "a", "text": "b"}'))
     intake.add_object(parse_json(b'{"id": "nan", "text": "a", "metadata": {"x": NaN}}'))
@@ -143,7 +145,7 @@ def test_id_set_grows_and_never_forgets() -> None:
 
 
 def test_duplicate_ids_are_rejected_past_the_id_set_growth() -> None:
-    intake, _shards = _intake(shard_size=1000)
+    intake, _shards = make_intake(shard_size=1000)
     for i in range(3000):
         intake.add_line(json.dumps({"id": i, "text": "t"}).encode())
     intake.add_line(json.dumps({"id": "7", "text": "again"}).encode())
@@ -160,7 +162,7 @@ def test_duplicate_ids_are_rejected_past_the_id_set_growth() -> None:
 
 
 def test_a_refused_job_keeps_only_the_rejected_lines_it_shows() -> None:
-    intake, _ = _intake(shard_size=10)
+    intake, _ = make_intake(shard_size=10)
     intake.keep_rejected = 3
     for i in range(100):
         intake.add_line(b"not json" if i % 2 else json.dumps({"id": i, "text": "t"}).encode())

@@ -13,7 +13,7 @@ from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.jobs import cancel_job, find_job, job_counts, spend_by_route
 from postroom.shards import claim_shard, finish_shard
-from tests.postroom.jobrows import job_status, make_job, shard_row
+from tests.postroom.jobrows import claim, job_status, make_job, shard_row
 
 
 def test_a_job_counts_its_skipped_lines_as_failed(sessions: sessionmaker[Session]) -> None:
@@ -49,11 +49,7 @@ def test_other_tenants_jobs_are_not_found(sessions: sessionmaker[Session]) -> No
 
 def test_cancel_stops_what_has_not_started(sessions: sessionmaker[Session]) -> None:
     job_id = make_job(sessions, sizes=(3, 3, 3))
-    with sessions.begin() as session:
-        running = claim_shard(
-            session=session, job_id=job_id, shard_no=0, worker="w", lease_seconds=60
-        )
-        assert running is not None
+    assert claim(sessions, job_id, 0) is not None
     with sessions.begin() as session:
         tenant_id = session.get_one(Job, job_id).tenant_id
         job = cancel_job(session=session, tenant_id=tenant_id, job_id=job_id)

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import gzip
-from typing import Any
 
 import pytest
 
 from postroom.errors import InvalidInput, PayloadTooLarge
-from postroom.intake import Intake
 from postroom.lines import Gunzip, LineSplitter, LineStream
-from postroom.settings import Settings
-
-
-def _intake(shard_size: int = 2, **overrides: Any) -> tuple[Intake, list[tuple[int, list[Any]]]]:
-    shards: list[tuple[int, list[Any]]] = []
-    intake = Intake(
-        settings=Settings(**overrides),
-        sink=lambda n, d: shards.append((n, d)),
-        shard_size=shard_size,
-    )
-    return intake, shards
+from tests.postroom.test_intake import make_intake
 
 
 def test_splitter_joins_chunks_and_flags_overlong_lines_once() -> None:
@@ -74,11 +62,11 @@ def test_gunzip_names_the_settings_it_was_given() -> None:
 
 def test_line_stream_holds_uploads_to_the_size_limit_after_decompression() -> None:
     body = b'{"text": "x"}\n' * 100  # 1,400 bytes
-    intake, _ = _intake(max_upload_bytes=1000)
+    intake, _ = make_intake(max_upload_bytes=1000)
     stream = LineStream(intake, gzip=True, name="upload.jsonl.gz")
     with pytest.raises(PayloadTooLarge, match=r"upload\.jsonl\.gz decompresses to more than 1,000"):
         stream.feed(gzip.compress(body))
-    intake, _ = _intake(max_upload_bytes=1000)
+    intake, _ = make_intake(max_upload_bytes=1000)
     stream = LineStream(intake, gzip=False, name="the request body")
     stream.feed(body[:900])
     with pytest.raises(PayloadTooLarge, match=r"the request body is over 1,000 bytes"):

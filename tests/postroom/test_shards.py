@@ -4,8 +4,6 @@ worker and the beat."""
 
 from __future__ import annotations
 
-import uuid
-
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.backlog import shards_to_republish, unpublished_shards
@@ -13,48 +11,14 @@ from postroom.domain import QUEUE_SPILL, ShardState
 from postroom.shards import (
     Claimed,
     child_shard_nos,
-    claim_shard,
     expire_leases,
     extend_leases,
-    finish_shard,
     mark_published,
     move_unclaimed,
     release_shard,
     split_shard,
 )
-from tests.postroom.jobrows import job_status, make_job, shard_row
-
-
-def claim(
-    sessions: sessionmaker[Session],
-    job_id: uuid.UUID,
-    shard_no: int,
-    *,
-    lease: int = 60,
-    route: str = "gpu",
-) -> Claimed | None:
-    with sessions.begin() as session:
-        return claim_shard(
-            session=session,
-            job_id=job_id,
-            shard_no=shard_no,
-            worker="w1",
-            lease_seconds=lease,
-            route=route,
-        )
-
-
-def finish(sessions: sessionmaker[Session], job_id: uuid.UUID, shard_no: int, attempt: int) -> bool:
-    with sessions.begin() as session:
-        return finish_shard(
-            session=session,
-            job_id=job_id,
-            shard_no=shard_no,
-            attempt=attempt,
-            succeeded=3,
-            failed=0,
-            route="gpu",
-        )
+from tests.postroom.jobrows import claim, finish, job_status, make_job, shard_row
 
 
 def test_a_shard_is_claimed_once_and_its_job_starts(sessions: sessionmaker[Session]) -> None:
