@@ -28,11 +28,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Session, sessionmaker
 
+from control.inbox import DropObject, InboxDeps, TickReport, ingest_event, ingest_object, run_tick
+from control.inbox.rows import claim_new
+from control.reaper import reap
 from postroom.db.inbox_models import InboxObject
 from postroom.db.models import Job, Shard
-from postroom.inbox import DropObject, UnusableObject, claim_new, gunzip_chunks
+from postroom.errors import InvalidInput
 from postroom.jobs import cancel_job
 from postroom.keys import drop_area, drop_key, input_shard_key
+from postroom.lines import Gunzip
 from postroom.queue import make_celery
 from postroom.settings import Settings
 from postroom.storage import Storage
@@ -40,8 +44,6 @@ from postroom.submit import JobOptions, prepare_spec
 from postroom_cli.local import free_port, postroom_command, spawn, stop
 from tests.helpers import LABELS, make_docs
 from tests.waiting import wait_until
-from worker.inbox import InboxDeps, TickReport, ingest_event, ingest_object, run_tick
-from worker.reaper import reap
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -441,10 +443,25 @@ def test_gunzip_streams_multi_member_files_in_any_chunking(chunk: int) -> None:
     members = [b"a\n" * 900_000, b"", b'{"text":"b"}\n' * 3]  # the first fills output chunks
     blob = b"".join(gzip.compress(m) for m in members)
     pieces = [blob[i : i + chunk] for i in range(0, len(blob), chunk)]
-    out = gunzip_chunks(pieces, name="f.jsonl.gz", max_bytes=10**9, max_ratio=10**6)
+    out = Gunzip(max_bytes=10**9, max_ratio=10**6, name="f.jsonl.gz").stream(pieces)
     assert b"".join(out) == b"".join(members)
-    with pytest.raises(UnusableObject, match="truncated"):
-        list(gunzip_chunks([blob[:-9]], name="f.jsonl.gz", max_bytes=10**9, max_ratio=10**6))
+    with pytest.raises(InvalidInput, match="truncated"):
+        list(Gunzip(max_bytes=10**9, max_ratio=10**6).stream([blob[:-9]]))
+
+
+def test_a_truncated_gzip_file_fails_and_says_so(deps: InboxDeps, storage: Storage) -> None:
+    put(storage, drop_key(deps.prefix, "inbox", "cut", "job.json"), json.dumps(JOB).encode())
+    blob = gzip.compress(jsonl(make_docs(50)))
+    put(storage, drop_key(deps.prefix, "inbox", "cut", "a.jsonl.gz"), blob[:-9])
+    # When: one tick
+    assert run_tick(deps).outcomes == {"failed": 1}
+    # Then: the object failed, and its reason says the file is truncated
+    [row] = rows(deps.sessions, deps.prefix)
+    assert row.state == "failed"
+    assert "a.jsonl.gz is a truncated gzip" in (row.reason or "")
+    reason = storage.get_bytes(drop_key(deps.prefix, "failed", "cut", "a.jsonl.gz.reason.txt"))
+    assert b"truncated" in reason
+    assert keys_under(storage, f"inputs/{row.id}/") == []
 
 
 # -- a 200,000-line file, streamed

@@ -1,4 +1,5 @@
-"""Beat task: expire dead leases and ring the doorbell again for shards whose message was lost.
+"""The reaper, a task of `postroom beat`: expire dead leases, ring the doorbell again for shards
+whose message was lost, and rebuild result objects a worker died before writing.
 
 Postgres is the record, Redis only a doorbell: whatever Redis loses (a restart without persistence,
 FLUSHALL, a message popped by a worker that died before recording it), the reaper finds in Postgres
@@ -12,28 +13,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-from celery import Celery
-from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from postroom.db.models import Job, Shard
-from postroom.domain import SHARD_CLAIMABLE, JobSpec
-from postroom.jobs import (
-    expire_leases,
-    mark_published,
-    mark_results_written,
-    shards_to_republish,
-    unwritten_result_shards,
-)
+from postroom.backlog import claimable_queues, shards_to_republish, unwritten_result_shards
+from postroom.jobs import work_order
 from postroom.keys import result_shard_key
 from postroom.metrics import REAPER_ACTIONS
-from postroom.queue import publish_shard, queue_depth
+from postroom.queue import Celery, publish_and_record, queue_depth
 from postroom.results import shard_result_lines
 from postroom.settings import Settings
-from postroom.storage import Storage
+from postroom.shards import expire_leases, mark_results_written
+from postroom.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +45,7 @@ def rewrite_missing_results(
         missing = unwritten_result_shards(session=session, grace_seconds=grace_seconds)
     for job_id, shard_no in missing:
         with sessions() as session:
-            spec = JobSpec.model_validate(session.get_one(Job, job_id).spec)
+            spec = work_order(session=session, job_id=job_id).spec
             lines = shard_result_lines(
                 session=session,
                 job_id=job_id,
@@ -80,13 +71,11 @@ def reap(
         report.rewritten = rewrite_missing_results(
             sessions=sessions, storage=storage, grace_seconds=settings.republish_grace_seconds
         )
-    except (BotoCoreError, ClientError) as e:
+    except StorageError as e:
         logger.warning("reaper cannot write result objects yet: %s", e)
     with sessions.begin() as session:
         report.expired = expire_leases(session=session)
-        queues = session.scalars(
-            select(Shard.queue).distinct().where(Shard.state.in_(SHARD_CLAIMABLE))
-        ).all()
+        queues = claimable_queues(session=session)
     REAPER_ACTIONS.labels("rewritten").inc(report.rewritten)
     REAPER_ACTIONS.labels("expired").inc(report.expired)
     try:
@@ -103,17 +92,8 @@ def reap(
             grace_seconds=settings.republish_grace_seconds,
             stale_seconds=settings.republish_stale_seconds,
         )
-    published: list[tuple[Any, int]] = []
-    try:
-        for job_id, shard_no, queue in candidates:
-            publish_shard(celery, job_id=str(job_id), shard_no=shard_no, queue=queue)
-            published.append((job_id, shard_no))
-    except (BrokerError, RedisError, OSError) as e:
-        logger.warning("reaper stopped publishing after %d shards: %s", len(published), e)
-    if published:
-        with sessions.begin() as session:
-            mark_published(session=session, shards=published)
-    report.republished = len(published)
+    # Stops at the first broker error; a shard not rung is a candidate again next tick.
+    report.republished = publish_and_record(celery, sessions, candidates)
     REAPER_ACTIONS.labels("republished").inc(report.republished)
     if report.expired or report.republished or report.rewritten:
         logger.info(

@@ -1,4 +1,5 @@
-"""`postroom beat`: Celery beat and a one-thread worker on the `control` queue."""
+"""`postroom beat`: Celery beat and a one-thread worker on the `control` queue, running the reaper,
+the router and the drop folder's tick (their task names are fixed in postroom.queue)."""
 
 from __future__ import annotations
 
@@ -6,23 +7,32 @@ import logging
 from typing import Any
 
 import redis
-from celery import Celery, signals
 from sqlalchemy.orm import Session, sessionmaker
 
+from control.inbox import InboxCursor, InboxDeps, run_tick
+from control.reaper import reap
+from control.router import route_tick
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import configure_logging
 from postroom.metrics import serve_metrics
-from postroom.queue import QUEUE_CONTROL, TASK_INBOX, TASK_REAP, TASK_ROUTE, make_celery
+from postroom.queue import (
+    QUEUE_CONTROL,
+    TASK_INBOX,
+    TASK_REAP,
+    TASK_ROUTE,
+    Celery,
+    make_celery,
+    signals,
+)
 from postroom.settings import Settings
 from postroom.storage import Storage
-from worker.inbox import InboxCursor, InboxDeps, run_tick
-from worker.reaper import reap
-from worker.router import route_tick
 
 logger = logging.getLogger(__name__)
 
 
 class Control:
+    """What the beat's tasks share, built once the worker process starts (not at import)."""
+
     def __init__(self, settings: Settings, celery: Celery) -> None:
         self.settings = settings
         self.celery = celery
@@ -39,7 +49,7 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
 
     @app.task(name=TASK_REAP, ignore_result=True)
     def reap_task() -> dict[str, int]:
-        """Expire dead leases and republish lost shards; safe to run twice (see worker.reaper)."""
+        """Expire dead leases and republish lost shards; safe to run twice (see control.reaper)."""
         report = reap(
             sessions=holder["control"].sessions,
             celery=app,
@@ -51,7 +61,7 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
 
     @app.task(name=TASK_ROUTE, ignore_result=True)
     def route_task() -> int:
-        """Send shards to spill where deadlines or dead GPUs need it (see worker.router)."""
+        """Send shards to spill where deadlines or dead GPUs need it (see control.router)."""
         return len(route_tick(sessions=holder["control"].sessions, celery=app, settings=settings))
 
     interval = settings.reaper_interval_seconds
@@ -72,7 +82,7 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
 
     @app.task(name=TASK_INBOX, ignore_result=True)
     def inbox_task() -> dict[str, Any]:
-        """S3 drop folder: list, ingest, publish, finalize; safe to run twice (see worker.inbox)."""
+        """S3 drop folder: list, ingest, publish, finalize; safe twice (see control.inbox)."""
         control = holder["control"]
         deps = InboxDeps(settings, control.sessions, control.storage, app)
         return run_tick(deps, inbox_cursor).__dict__

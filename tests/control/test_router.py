@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery
 from prometheus_client import REGISTRY
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from control.router import Spilled, plan_deadline, plan_take_back, route_tick
+from postroom.backlog import drain_rates
 from postroom.db.models import Job, Shard, Worker
-from postroom.queue import QUEUE_SPILL, gpu_queue, make_celery, queue_depth
+from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, make_celery, queue_depth
 from postroom.settings import Settings
 from postroom.tenants import ensure_tenant
-from worker.router import Spilled, _drain_rates, plan_deadline, plan_take_back, route_tick
 
 MARGIN = 1.25
 SHARDS = [(n, 100) for n in range(8)]
@@ -350,7 +350,7 @@ def test_a_route_that_started_within_the_window_is_measured_from_its_start(
         )
     try:
         with sessions() as session:
-            rates, _ = _drain_rates(session, now, 60.0)
+            rates, _ = drain_rates(session=session, now=now, window=60.0)
         assert rates[fresh] == pytest.approx(100.0)
         assert rates[steady] == pytest.approx(20.0)
     finally:

@@ -1,0 +1,381 @@
+"""The router, a task of `postroom beat`: decide which not-yet-claimed shards wait for the GPUs and
+which go to the managed API (the `spill` queue), and take spilled shards back when the GPUs would
+finish them sooner.
+
+- `always`: every unclaimed shard spills. `never`: none, ever.
+- `auto`: all unclaimed shards spill when no GPU worker serving the job's model has sent a heartbeat
+  for `gpu_dead_after` seconds. Otherwise a shard goes where it would finish sooner. Each route's
+  drain rate is measured (documents finished on it in the last `router_drain_window_seconds`); a
+  shard's finish on a route is (documents ahead of it there + its own) / that rate. A shard of a
+  job with a deadline stays on the GPUs if they finish it in time; if not, it spills only when the
+  managed API would finish it `router_spill_margin` times sooner (until spill has finished
+  something in the window it counts as instant: what the GPUs cannot finish in time spills).
+  Each tick, unclaimed spilled shards of `auto` jobs whose GPUs are up come back, from the end of
+  the spill backlog, while the GPUs would finish them `router_spill_margin` times sooner, so the
+  GPUs never idle while a slower managed API drains a deep queue. The margin on both sides keeps
+  a shard moved one way from moving back with the same numbers.
+- `max_spill_cost` caps what a job may spend: spilled shards are costed with the job's estimate,
+  and past the cap the job waits for the GPUs and says so in `router_note`.
+
+Moving a shard is a compare-and-set on its queue (only while it is unclaimed and still on the route
+it leaves, `postroom.shards.move_unclaimed`), and a worker only claims shards of its own route
+(`postroom.shards.claim_shard`), so a shard is never worked by both. Running the task twice is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.backlog import drain_rates, running_docs, spill_backlog, spill_spend, unclaimed_by_job
+from postroom.costs import spill_cost
+from postroom.db.models import Worker
+from postroom.jobs import active_jobs, set_router_note
+from postroom.metrics import ROUTER_DECISIONS, SPILLED_SHARDS
+from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, publish_and_record
+from postroom.settings import Settings
+from postroom.shards import move_unclaimed
+
+logger = logging.getLogger(__name__)
+BUDGET_MARGIN = 1.25
+
+
+@dataclass
+class Decision:
+    job_id: uuid.UUID
+    shards: list[int]
+    docs: int
+    reason: str
+    action: str = "spill"  # or "take_back"
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """An unclaimed shard in the spill queue; `home` is the GPU queue it may go back to (None: it
+    stays, because its job is `always` or its GPUs are down)."""
+
+    job_id: uuid.UUID
+    shard_no: int
+    docs: int
+    home: str | None
+
+
+def plan_deadline(
+    unclaimed: list[tuple[int, int]],
+    *,
+    ahead: int,
+    rate: float,
+    seconds_left: float,
+    spill_ahead: int = 0,
+    spill_rate: float | None = None,
+    margin: float = 1.0,
+) -> tuple[list[int], int]:
+    """Choose which shards of one job spill; return (shards to spill, docs kept on the GPUs).
+
+    `unclaimed` is (shard_no, docs) in queue order. `ahead` documents are before them on the GPUs,
+    which drain `rate` docs/s; `spill_ahead` documents wait or run on the spill route, which drains
+    `spill_rate` docs/s (None: not measured yet, so spill counts as instant). A shard the GPUs
+    finish before the deadline stays; one they do not spills only if spill would finish it `margin`
+    times sooner than the GPUs.
+    """
+    kept = spilled = 0
+    to_spill: list[int] = []
+    for shard_no, docs in unclaimed:
+        gpu_finish = (ahead + kept + docs) / rate
+        if gpu_finish > seconds_left and (
+            spill_rate is None or (spill_ahead + spilled + docs) / spill_rate * margin < gpu_finish
+        ):
+            to_spill.append(shard_no)
+            spilled += docs
+        else:
+            kept += docs
+    return to_spill, kept
+
+
+def plan_take_back(
+    backlog: list[Spilled],
+    *,
+    running: int,
+    spill_rate: float | None,
+    ahead: dict[str, int],
+    rates: dict[str, float],
+    margin: float,
+) -> list[Spilled]:
+    """Choose the spilled shards the GPUs would finish `margin` times sooner than spill would.
+
+    `backlog` is the spill queue's unclaimed shards in the order spill workers take them, behind
+    `running` documents being worked there; `ahead` documents wait or run on each GPU queue, which
+    drains `rates` docs/s. Shards come back from the end of the backlog (the last that spill would
+    reach): a shard's spill finish is the documents up to and including it over `spill_rate`, and
+    its GPU finish counts the shards already taken back before it. Before spill is measured,
+    nothing comes back that way. An idle live GPU queue with no measured rate (it has done nothing
+    for a whole window, e.g. it is back from an outage) gets the last shard meant for it: that
+    measures its rate for the next ticks.
+    """
+    ahead = dict(ahead)
+    back: list[Spilled] = []
+    for shard in reversed(backlog):
+        if shard.home and not rates.get(shard.home) and not ahead.get(shard.home):
+            back.append(shard)
+            ahead[shard.home] = shard.docs
+    if not spill_rate:
+        return back
+    position = running + sum(shard.docs for shard in backlog)
+    for shard in reversed(backlog):
+        rate = rates.get(shard.home) if shard.home else None
+        if shard.home and rate:
+            gpu_finish = (ahead.get(shard.home, 0) + shard.docs) / rate
+            if gpu_finish * margin < position / spill_rate:
+                back.append(shard)
+                ahead[shard.home] = ahead.get(shard.home, 0) + shard.docs
+        # Taking a shard back leaves the positions of the shards before it as they were.
+        position -= shard.docs
+    return back
+
+
+@dataclass
+class _Tick:
+    """What one tick sees, kept current as it moves shards: a job's plan counts what the jobs
+    before it left on the GPUs or sent to spill."""
+
+    now: datetime
+    alive: set[str]
+    rates: dict[str, float]
+    spill_rate: float | None
+    jobs: list[Any]
+    waiting: dict[uuid.UUID, list[tuple[int, int]]]
+    ahead: dict[str, int]  # documents waiting or running on each GPU queue
+    homes: dict[uuid.UUID, str]  # the GPU queue a spilled shard of the job may go back to
+    backlog: list[Spilled]
+    spill_running: int
+    spill_docs: int
+
+    @property
+    def spill_says(self) -> str:
+        if self.spill_rate:
+            return f"spill drains {self.spill_rate:.1f} docs/s"
+        return "spill not measured yet"
+
+
+def route_tick(
+    *, sessions: sessionmaker[Session], celery: Celery, settings: Settings
+) -> list[Decision]:
+    """Spill what should spill, then take back what the GPUs would finish sooner."""
+    with sessions() as session:
+        tick = _look(session, settings, datetime.now(UTC))
+    decisions: list[Decision] = []
+    for job in tick.jobs:
+        decision = _route_job(tick, job, sessions=sessions, celery=celery, settings=settings)
+        if decision is not None:
+            decisions.append(decision)
+    decisions += _take_back_all(
+        tick, sessions=sessions, celery=celery, margin=settings.router_spill_margin
+    )
+    return decisions
+
+
+def _look(session: Session, settings: Settings, now: datetime) -> _Tick:
+    alive = _alive_aliases(session, now - timedelta(seconds=settings.gpu_dead_after))
+    rates, spill_rate = drain_rates(
+        session=session, now=now, window=settings.router_drain_window_seconds
+    )
+    jobs = active_jobs(session=session)
+    waiting = unclaimed_by_job(session=session, job_ids=[j.id for j in jobs])
+    ahead = running_docs(session=session)
+    spilled = spill_backlog(session=session)
+    # The GPU queue a spilled shard may go back to: only `auto` jobs whose GPUs are up.
+    homes = {j.id: gpu_queue(j.model) for j in jobs if j.spill == "auto" and j.model in alive}
+    backlog = [Spilled(job_id, no, docs, homes.get(job_id)) for job_id, no, docs in spilled]
+    spill_running = ahead.pop(QUEUE_SPILL, 0)
+    return _Tick(
+        now=now,
+        alive=alive,
+        rates=rates,
+        spill_rate=spill_rate,
+        jobs=jobs,
+        waiting=waiting,
+        ahead=ahead,
+        homes=homes,
+        backlog=backlog,
+        spill_running=spill_running,
+        spill_docs=spill_running + sum(s.docs for s in backlog),
+    )
+
+
+def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> tuple[list[int], str]:
+    """The shards of one job that should spill, and why."""
+    shards = tick.waiting.get(job.id, [])
+    if job.spill == "never":
+        return [], ""
+    if job.spill == "always":
+        return [s for s, _ in shards], "always: the job's policy"
+    if job.model not in tick.alive:
+        return [s for s, _ in shards], (
+            f"gpu down: no worker for {job.model!r} sent a heartbeat in {settings.gpu_dead_after}s"
+        )
+    queue = gpu_queue(job.model)
+    rate = tick.rates.get(queue)
+    if job.deadline is None or not rate:
+        return [], ""
+    seconds_left = (job.deadline - tick.now).total_seconds()
+    ahead = tick.ahead.get(queue, 0)
+    to_spill, _ = plan_deadline(
+        shards,
+        ahead=ahead,
+        rate=rate,
+        seconds_left=seconds_left,
+        spill_ahead=tick.spill_docs,
+        spill_rate=tick.spill_rate,
+        margin=settings.router_spill_margin,
+    )
+    return to_spill, (
+        f"deadline: due in {seconds_left:.0f}s: GPUs drain {rate:.1f} docs/s with {ahead} docs "
+        f"ahead; {tick.spill_says} with {tick.spill_docs} docs ahead"
+    )
+
+
+def _route_job(
+    tick: _Tick,
+    job: Any,
+    *,
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    settings: Settings,
+) -> Decision | None:
+    """Spill what `_plan_spill` chose within the job's budget, and count what stays."""
+    docs_by_shard = dict(tick.waiting.get(job.id, []))
+    to_spill, reason = _plan_spill(tick, job, settings)
+    decision: Decision | None = None
+    if to_spill:
+        to_spill, note = _within_budget(sessions, settings, job, docs_by_shard, to_spill)
+        if to_spill:
+            spilling = {s: docs_by_shard[s] for s in to_spill}
+            decision = _move(
+                sessions, celery, job.id, spilling, to_queue=QUEUE_SPILL, reason=reason
+            )
+            tick.spill_docs += decision.docs
+            home = tick.homes.get(job.id)
+            tick.backlog += [Spilled(job.id, s, docs_by_shard[s], home) for s in decision.shards]
+        _note(sessions, job.id, note)
+    moved = decision.shards if decision is not None else []
+    # What stays waits on the GPU queue, ahead of the next job's shards.
+    queue = gpu_queue(job.model)
+    stays = sum(docs_by_shard.values()) - sum(docs_by_shard[s] for s in moved)
+    tick.ahead[queue] = tick.ahead.get(queue, 0) + stays
+    return decision
+
+
+def _take_back_all(
+    tick: _Tick, *, sessions: sessionmaker[Session], celery: Celery, margin: float
+) -> list[Decision]:
+    back = plan_take_back(
+        tick.backlog,
+        running=tick.spill_running,
+        spill_rate=tick.spill_rate,
+        ahead=tick.ahead,
+        rates=tick.rates,
+        margin=margin,
+    )
+    by_job: dict[uuid.UUID, list[Spilled]] = {}
+    for shard in back:
+        by_job.setdefault(shard.job_id, []).append(shard)
+    decisions: list[Decision] = []
+    for job_id, taken in by_job.items():
+        home = taken[0].home or ""
+        gpu_says = (
+            f"GPUs ({home}) drain {tick.rates[home]:.1f} docs/s with "
+            f"{tick.ahead.get(home, 0)} docs ahead"
+            if tick.rates.get(home)
+            else f"GPUs ({home}) idle, not measured yet"
+        )
+        reason = f"gpu sooner: {gpu_says}; {tick.spill_says} with {tick.spill_docs} docs ahead"
+        shards = {s.shard_no: s.docs for s in taken}
+        decisions.append(_move(sessions, celery, job_id, shards, to_queue=home, reason=reason))
+    return decisions
+
+
+def _alive_aliases(session: Session, since: datetime) -> set[str]:
+    """Aliases served by a GPU worker whose heartbeat is not older than `since`."""
+    rows = session.scalars(
+        select(Worker.models).where(Worker.route == "gpu", Worker.heartbeat_at >= since)
+    ).all()
+    return {alias for models in rows for alias in models}
+
+
+def _within_budget(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    job: Any,
+    docs_by_shard: dict[int, int],
+    to_spill: list[int],
+) -> tuple[list[int], str | None]:
+    if job.max_spill_cost is None:
+        return to_spill, None
+    # Estimates are made before anything is tokenised: leave a margin so the cap holds.
+    per_doc = float((job.estimate or {}).get("tokens_per_doc", 0.0)) * BUDGET_MARGIN
+    with sessions() as session:
+        committed_docs, done_in, done_out = spill_spend(session=session, job_id=job.id)
+    committed = spill_cost(settings, tokens_in=done_in, tokens_out=done_out) + spill_cost(
+        settings, tokens_in=committed_docs * per_doc, tokens_out=committed_docs * 5
+    )
+    allowed: list[int] = []
+    for shard_no in to_spill:
+        docs = docs_by_shard[shard_no]
+        cost = spill_cost(settings, tokens_in=docs * per_doc, tokens_out=docs * 5)
+        if committed + cost > job.max_spill_cost:
+            break
+        committed += cost
+        allowed.append(shard_no)
+    if len(allowed) < len(to_spill):
+        left = sum(docs_by_shard[s] for s in to_spill[len(allowed) :])
+        return allowed, (
+            f"waiting for GPUs: spilling {left} more documents would pass max_spill_cost "
+            f"${job.max_spill_cost:g} (committed ${committed:.4f})"
+        )
+    return allowed, None
+
+
+def _move(
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    job_id: uuid.UUID,
+    shards: dict[int, int],
+    *,
+    to_queue: str,
+    reason: str,
+) -> Decision:
+    """Move unclaimed shards (shard_no: docs) between routes and ring the doorbell on the new queue.
+
+    A compare-and-set (`move_unclaimed`): a shard a worker claimed meanwhile stays where it is, and
+    the decision lists only the shards that moved. A shard whose doorbell could not be rung keeps
+    `enqueued_at` NULL, and the reaper rings it.
+    """
+    with sessions.begin() as session:
+        moved = move_unclaimed(
+            session=session, job_id=job_id, shard_nos=list(shards), to_queue=to_queue
+        )
+    publish_and_record(celery, sessions, [(job_id, shard_no, to_queue) for shard_no in moved])
+    docs = sum(shards[s] for s in moved)
+    action = "spill" if to_queue == QUEUE_SPILL else "take_back"
+    ROUTER_DECISIONS.labels(decision=action, reason=reason.split(":")[0]).inc()
+    if action == "spill":
+        SPILLED_SHARDS.inc(len(moved))
+    where = "to spill" if action == "spill" else f"back to {to_queue}"
+    logger.info(
+        "router: job %s: %d shards (%d docs) %s: %s", job_id, len(moved), docs, where, reason
+    )
+    return Decision(job_id=job_id, shards=moved, docs=docs, reason=reason, action=action)
+
+
+def _note(sessions: sessionmaker[Session], job_id: uuid.UUID, note: str | None) -> None:
+    with sessions.begin() as session:
+        set_router_note(session=session, job_id=job_id, note=note)
+    if note:
+        ROUTER_DECISIONS.labels(decision="hold", reason="max_spill_cost").inc()
+        logger.info("router: job %s: %s", job_id, note)
