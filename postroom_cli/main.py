@@ -102,7 +102,7 @@ def worker(
 @app.command()
 def beat(loglevel: str = "INFO") -> None:
     """Run the periodic tasks (reaper; later router and inbox) with Celery beat."""
-    from worker.control import run_beat
+    from control.beat import run_beat
 
     run_beat(get_settings(), loglevel=loglevel)
 
@@ -434,8 +434,8 @@ def inbox_status(
 ) -> None:
     """What the drop folder has seen, ingested, is running, finished or failed (and why), read
     from Postgres."""
+    from control.inbox import inbox_report
     from postroom.db.session import make_engine, make_sessionmaker
-    from postroom.inbox import inbox_report
 
     engine = make_engine(get_settings())
     with make_sessionmaker(engine)() as session:

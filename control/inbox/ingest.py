@@ -12,7 +12,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from control.inbox.deps import InboxDeps
 from control.inbox.objects import (
-    INBOX_LIMITS,
     MAX_JOB_FILE_BYTES,
     DropObject,
     JobFile,
@@ -29,6 +28,7 @@ from postroom.db.inbox_models import InboxObject
 from postroom.errors import InvalidDocuments, InvalidInput, PostroomError, UnknownModel
 from postroom.intake import Intake
 from postroom.keys import inbox_job_file_key, outbox_results_key
+from postroom.lines import StreamLimits
 from postroom.storage import NoSuchObject, ObjectChanged, S3Object, StorageError
 from postroom.submit import JobOptions, Submission
 from postroom.tenants import ensure_tenant
@@ -148,13 +148,7 @@ def stream_object(
     full shard to S3 as it fills; memory holds a chunk, a few shards and the ids seen. Keeps the
     claim's lease fresh, and stops reading a file that is refused already."""
     settings = deps.settings
-    submission.open_stream(
-        gzip=obj.gzip,
-        name=obj.file,
-        max_bytes=settings.inbox_max_decompressed_bytes,
-        max_ratio=settings.inbox_max_gzip_ratio,
-        limits=INBOX_LIMITS,
-    )
+    submission.open_stream(gzip=obj.gzip, name=obj.file, limits=StreamLimits.drop_folder(settings))
     renew_every = settings.inbox_lease_seconds / 3
     renew_at = time.monotonic() + renew_every
     with _open_version(deps, obj) as body:

@@ -21,7 +21,6 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_JOB_FILE_BYTES = 1024 * 1024
 JOB_FILE_FIELDS = (*JobOptions.model_fields, "tenant")
 # The settings behind the decompressed-size and gzip-ratio limits, named in reasons.
-INBOX_LIMITS = ("POSTROOM_INBOX_MAX_DECOMPRESSED_BYTES", "POSTROOM_INBOX_MAX_GZIP_RATIO")
 
 
 class UnusableObject(Exception):

@@ -33,10 +33,8 @@ from control.inbox.rows import claim_new
 from control.reaper import reap
 from postroom.db.inbox_models import InboxObject
 from postroom.db.models import Job, Shard
-from postroom.errors import InvalidInput
 from postroom.jobs import cancel_job
 from postroom.keys import drop_area, drop_key, input_shard_key
-from postroom.lines import Gunzip
 from postroom.queue import make_celery
 from postroom.settings import Settings
 from postroom.storage import Storage
@@ -436,17 +434,6 @@ def test_unusable_objects_fail_with_reasons_and_a_missing_job_json_waits(
         lambda: run_tick(deps).outcomes.get("ingested"), timeout=30, what="waiting file ingested"
     )
     deps.celery.close()
-
-
-@pytest.mark.parametrize("chunk", [1, 1000, 1 << 20])
-def test_gunzip_streams_multi_member_files_in_any_chunking(chunk: int) -> None:
-    members = [b"a\n" * 900_000, b"", b'{"text":"b"}\n' * 3]  # the first fills output chunks
-    blob = b"".join(gzip.compress(m) for m in members)
-    pieces = [blob[i : i + chunk] for i in range(0, len(blob), chunk)]
-    out = Gunzip(max_bytes=10**9, max_ratio=10**6, name="f.jsonl.gz").stream(pieces)
-    assert b"".join(out) == b"".join(members)
-    with pytest.raises(InvalidInput, match="truncated"):
-        list(Gunzip(max_bytes=10**9, max_ratio=10**6).stream([blob[:-9]]))
 
 
 def test_a_truncated_gzip_file_fails_and_says_so(deps: InboxDeps, storage: Storage) -> None:
