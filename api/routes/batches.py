@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.deps import CallerDep, CeleryDep, SessionDep, SettingsDep, StorageDep
 from api.routes import files
 from api.schemas import ErrorBody
-from api.schemas_openai import (
+from api.openai.schemas import (
     BatchCreate,
     BatchError,
     BatchErrors,

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, SessionDep, StorageDep
 from api.schemas import ErrorBody
-from api.schemas_openai import FileDeleted, FileList, FilePublic
+from api.openai.schemas import FileDeleted, FileList, FilePublic
 from postroom import batches
 from postroom.db.batch_models import File
 
