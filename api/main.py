@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
-from api.routes import admin, batches, jobs, ops, status
+from api.openai import routes as openai_routes
+from api.routes import admin, jobs, ops, status
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.errors import InvalidInput, PayloadTooLarge, PostroomError, RequestTimeout
 from postroom.jsonsafe import show
@@ -261,7 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(status.router)
-    app.include_router(batches.openai_router)
+    app.include_router(openai_routes.router)
     app.include_router(admin.router)
     install_error_handlers(app)
     app.add_middleware(RequestGuardMiddleware, settings=settings)

@@ -6,13 +6,41 @@ OpenAI API reference so the SDK's `files.*` and `batches.*` calls work unchanged
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
-class FilePublic(BaseModel):
+class Identified(BaseModel):
+    """An object with an OpenAI-style id (`file-…`, `batch_…`), as lists page through them."""
+
     id: str
+
+
+Item = TypeVar("Item", bound=Identified)
+
+
+class ListPage(BaseModel, Generic[Item]):
+    """One page of a list, newest first: pass `last_id` as `after` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+    @classmethod
+    def of(cls, data: Sequence[Item], *, has_more: bool) -> Self:
+        return cls(
+            data=list(data),
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=has_more,
+        )
+
+
+class FilePublic(Identified):
     object: Literal["file"] = "file"
     bytes: int
     created_at: int
@@ -29,12 +57,8 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FilePublic]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+class FileList(ListPage[FilePublic]):
+    pass
 
 
 MetadataKey = Annotated[str, StringConstraints(max_length=64)]
@@ -93,8 +117,7 @@ class BatchUsage(BaseModel):
     total_tokens: int
 
 
-class BatchPublic(BaseModel):
-    id: str
+class BatchPublic(Identified):
     object: Literal["batch"] = "batch"
     endpoint: str
     model: str | None
@@ -118,9 +141,5 @@ class BatchPublic(BaseModel):
     metadata: dict[str, str] | None
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchPublic]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+class BatchList(ListPage[BatchPublic]):
+    pass

@@ -17,7 +17,8 @@ from openai.types import Batch
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from postroom import batches
+from api.openai.output import answer_content
+from api.openai.requests import LineError, Request, parse_request
 from postroom.settings import Settings
 from postroom.tenants import create_key
 from postroom_cli.client import Client
@@ -383,19 +384,19 @@ def test_other_tenant_gets_404(
 
 
 def test_request_bodies_map_to_labels_and_answers(settings: Settings) -> None:
-    def parse(**body: Any) -> batches.Request:
+    def parse(**body: Any) -> Request:
         line = request("x", "my invoice is wrong", **body)
         line["body"] = {k: v for k, v in line["body"].items() if v is not None}
-        return batches.parse_request(line, line=7, settings=settings)
+        return parse_request(line, line=7, settings=settings)
 
     by_property = parse()
     assert by_property.answer == "property:label"
     assert [label.name for label in by_property.task.labels] == LABELS
     assert by_property.task.instructions == SYSTEM
-    assert batches.answer_content(by_property.answer, "billing") == '{"label": "billing"}'
+    assert answer_content(by_property.answer, "billing") == '{"label": "billing"}'
     root_enum = {"type": "json_schema", "json_schema": {"schema": {"enum": LABELS}}}
     root = parse(response_format=root_enum)
-    assert batches.answer_content(root.answer, "billing") == '"billing"'
+    assert answer_content(root.answer, "billing") == '"billing"'
     described = parse(
         response_format=None,
         postroom={"labels": [{"name": "billing", "description": "money"}, "technical"]},
@@ -410,9 +411,9 @@ def test_request_bodies_map_to_labels_and_answers(settings: Settings) -> None:
         "invalid_request": {"logprobs": False, "top_logprobs": 2},
     }
     for code, body in refused.items():
-        with pytest.raises(batches.LineError) as error:
+        with pytest.raises(LineError) as error:
             parse(**body)
         assert error.value.code == code
         assert error.value.message.startswith("line 7")
-    with pytest.raises(batches.LineError, match="differ"):
+    with pytest.raises(LineError, match="differ"):
         parse(postroom={"labels": ["a", "b"]})
