@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -21,7 +21,8 @@ from api.input_uri import input_location, read_object
 from api.job_view import job_public
 from api.pages import decode_cursor, encode_cursor
 from api.request_body import RawBody, check_options
-from api.schemas import ErrorBody, JobCreate, JobList, JobPublic
+from api.responses import error_responses
+from api.schemas import JobCreate, JobList, JobPublic
 from api.uploads import body_source, upload_options
 from postroom.db.models import Job
 from postroom.errors import InvalidInput, PayloadTooLarge
@@ -34,9 +35,7 @@ from postroom.storage import Storage
 from postroom.submit import JobOptions, Submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 408, 409, 413, 415, 422, 503)
-}
+ERRORS = error_responses(401, 404, 408, 409, 413, 415, 422, 503)
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", max_length=200, description="dedupe key")
 ]
