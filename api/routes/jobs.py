@@ -84,15 +84,13 @@ def create_job(
     (or .jsonl.gz) object named by `input_uri` (`s3://<allowed bucket>/<key>`)."""
     _check_sources(body, settings=settings)
     location = input_location(body.input_uri, settings=settings) if body.input_uri else None
-    digest_parts = [body.model_dump_json().encode()]
+    etag = b""
     with Submission.start(body, session=session, storage=storage, settings=settings) as sub:
         if location is not None:
             bucket, key = location
             etag = read_object(
                 storage, bucket, key, uri=body.input_uri or "", submission=sub, settings=settings
-            )
-            # The object's ETag too: the same URI with new content is a different request.
-            digest_parts.append(etag.encode())
+            ).encode()
         else:
             # The documents as parsed by raw_body, where duplicate keys and NaN are still visible.
             documents = raw.get("documents") if isinstance(raw, dict) else None
@@ -100,7 +98,10 @@ def create_job(
                 sub.add(doc)
         sub.seal()
     edge = Edge(celery, caller.tenant_id, idempotency_key, response, settings)
-    return _submit(sub, body_hash(*digest_parts), edge, session=session)
+    # Hashed once the documents passed (they may hold what JSON cannot encode); for input_uri the
+    # object's ETag too: the same URI with new content is a different request.
+    digest = body_hash(body.model_dump_json().encode(), *([etag] if location else []))
+    return _submit(sub, digest, edge, session=session)
 
 
 def _check_sources(body: JobCreate, *, settings: Settings) -> None:
