@@ -11,16 +11,14 @@ bench/results/ceiling.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 
-from stack import ROOT, Stack, bench_settings
+from report import bench_parser, parse_bench_args, print_table, scratch_dir, write_results
+from stack import Stack, bench_settings
 
 PHASES = ("claim", "read", "classify", "commit", "write")
 
@@ -46,13 +44,12 @@ def phase_totals(log: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ceiling.json")
-    args = parser.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="postroom-ceiling-"))
+    args = parse_bench_args(parser, "ceiling")
+    logs = scratch_dir("ceiling")
     path = logs / "docs.jsonl"
     write_docs(path, args.docs)
     settings = bench_settings(worker_null_classifier=True, shard_size=args.shard_size)
@@ -75,18 +72,18 @@ def main() -> None:
         "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         "phase_share": {k: round(v / busy, 3) if busy else 0.0 for k, v in phases.items()},
     }
-    print(f"{'docs':>8} {'seconds':>8} {'docs/s':>9} {'upload s':>9} {'upload docs/s':>14}")
-    print(
-        f"{row['docs']:>8,} {row['seconds']:>8.1f} {row['docs_per_s']:>9,.0f} "
-        f"{row['upload_s']:>9.1f} {row['upload_docs_per_s']:>14,.0f}"
+    print_table(
+        f"{'docs':>8} {'seconds':>8} {'docs/s':>9} {'upload s':>9} {'upload docs/s':>14}",
+        [
+            f"{row['docs']:>8,} {row['seconds']:>8.1f} {row['docs_per_s']:>9,.0f} "
+            f"{row['upload_s']:>9.1f} {row['upload_docs_per_s']:>14,.0f}"
+        ],
     )
-    print("worker time by phase (summed over shards):")
-    for name in PHASES:
-        print(f"  {name:<9} {phases[name]:>8.1f}s  {row['phase_share'][name]:>6.1%}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}
-    args.out.write_text(json.dumps({**meta, "result": row}, indent=2))
-    print(f"wrote {args.out}")
+    print_table(
+        "worker time by phase (summed over shards):",
+        (f"  {name:<9} {phases[name]:>8.1f}s  {row['phase_share'][name]:>6.1%}" for name in PHASES),
+    )
+    write_results(args.out, {"result": row})
 
 
 if __name__ == "__main__":

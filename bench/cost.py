@@ -10,10 +10,10 @@ Prints a table and writes bench/results/cost.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
+
+from report import bench_parser, parse_bench_args, write_results
 
 from postroom.costs import ANSWER_TOKENS
 from postroom.settings import Settings
@@ -24,10 +24,9 @@ H100 = {"Qwen2.5-0.5B shape": 892.0, "Qwen2.5-1.5B shape": 443.0}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--tokens-per-doc", type=float, default=600.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cost.json")
-    args = parser.parse_args()
+    args = parse_bench_args(parser, "cost")
     settings = Settings()
     rates = dict(H100)
     measured = ROOT / "bench" / "results" / "gpu.json"
@@ -74,19 +73,12 @@ def main() -> None:
             f"{row['route']:<48} {rate:>8} {hours:>8} {row['dollars_per_million']:>12,.2f} "
             f"{ratio:>10.1%}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "tokens_per_doc": args.tokens_per_doc,
-                "gpu_price_per_hour": settings.gpu_price_per_hour,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {args.out}")
+    body = {
+        "tokens_per_doc": args.tokens_per_doc,
+        "gpu_price_per_hour": settings.gpu_price_per_hour,
+        "rows": rows,
+    }
+    write_results(args.out, body, machine=False)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ read before and after. Prints a table and writes bench/results/ingest.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from report import bench_parser, parse_bench_args, print_table, scratch_dir, write_results
 from sqlalchemy.dialects.postgresql import insert
-from stack import LABELS, ROOT, Stack, bench_settings
+from stack import LABELS, Stack, bench_settings
 
 from postroom.db.models import Worker
 
@@ -108,12 +107,11 @@ def upload(stack: Stack, path: Path, docs: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
-    args = parser.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="postroom-ingest-"))
+    args = parse_bench_args(parser, "ingest")
+    logs = scratch_dir("ingest")
     body = logs / "upload.jsonl"
     with body.open("wb") as f:
         for chunk in lines(args.docs):
@@ -133,17 +131,17 @@ def main() -> None:
         runs = [upload(stack, body, args.docs) for _ in range(args.repeats)]
         peak = rss_kb(stack.api.pid, "VmHWM")
     body.unlink()
-    print(
+    print_table(
         f"{'run':>4} {'docs':>10} {'seconds':>8} {'docs/s':>9} {'API CPU/doc':>12}"
-        f" {'RSS before':>11} {'1st-quarter max':>16} {'last-quarter max':>17}"
-    )
-    for n, run in enumerate(runs, start=1):
-        print(
+        f" {'RSS before':>11} {'1st-quarter max':>16} {'last-quarter max':>17}",
+        (
             f"{n:>4} {args.docs:>10,} {run['seconds']:>8.1f} {run['docs_per_s']:>9,.0f} "
             f"{run['api_cpu_us_per_doc']:>10.1f}µs {run['api_rss_mb_before']:>9.0f}MB "
             f"{run['api_rss_mb_first_quarter_max']:>14.0f}MB "
             f"{run['api_rss_mb_last_quarter_max']:>15.0f}MB"
-        )
+            for n, run in enumerate(runs, start=1)
+        ),
+    )
     row = {
         "docs": args.docs,
         "docs_per_s_median": round(statistics.median(r["docs_per_s"] for r in runs), 1),
@@ -157,10 +155,7 @@ def main() -> None:
         f"median {row['docs_per_s_median']:,.0f} docs/s; "
         f"API peak RSS {row['api_rss_mb_peak']:.0f} MB"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}
-    args.out.write_text(json.dumps({**meta, "result": row}, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"result": row})
 
 
 if __name__ == "__main__":

@@ -14,10 +14,7 @@ bench/results/load.png (queue depth and throughput over time, per route).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -25,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ceiling import write_docs
+from report import bench_parser, parse_bench_args, print_table, scratch_dir, write_results
 from sqlalchemy import func, select
-from stack import LABELS, ROOT, Stack, bench_settings
+from stack import LABELS, Stack, bench_settings
 
 from postroom.db.models import Shard
 from postroom.queue import QUEUE_SPILL
@@ -182,14 +180,13 @@ def plot(levels: list[dict[str, Any]], peak: float, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--levels", default="1,2,3")
     parser.add_argument("--deadline", type=float, default=20.0)
     parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load.json")
-    args = parser.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="postroom-load-"))
+    args = parse_bench_args(parser, "load")
+    logs = scratch_dir("load")
     path = logs / "job.jsonl"
     write_docs(path, JOB_DOCS)
     standin = StandinServer(free_port()).start()
@@ -219,25 +216,23 @@ def main() -> None:
         f"measured GPU peak: {peak:.0f} docs/s (best of two bursts of {BURST_JOBS} jobs of "
         f"{JOB_DOCS}); jobs arrive for {args.seconds:g}s, deadline {args.deadline:g}s each"
     )
-    print(
+    print_table(
         f"{'load':>5} {'offered/s':>10} {'jobs':>5} {'docs':>7} {'done in':>8} {'docs/s':>8} "
         f"{'GPU/s':>6} {'peak queue':>11} {'GPU idle':>9} {'spill':>6} {'missed':>7} "
-        f"{'failed':>7} {'lost':>5}"
-    )
-    for lv in levels:
-        print(
+        f"{'failed':>7} {'lost':>5}",
+        (
             f"{lv['multiplier']:>4g}x {lv['offered_docs_per_s']:>10,.0f} {lv['jobs']:>5} "
             f"{lv['docs']:>7,} {lv['completion_s']:>7.0f}s {lv['throughput_docs_per_s']:>8,.0f} "
             f"{lv['gpu_docs_per_s']:>6,.0f} {lv['peak_queue_docs']:>11,} "
             f"{lv['gpu_idle_while_backlog']:>9.1%} {lv['spill_share']:>6.1%} "
             f"{lv['deadline_misses']:>4}/{lv['jobs']:<2} {lv['failed']:>7} {lv['lost']:>5}"
-        )
+            for lv in levels
+        ),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     plot(levels, peak, png)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}
-    args.out.write_text(json.dumps({**meta, "peak_docs_per_s": peak, "levels": levels}, indent=2))
-    print(f"wrote {args.out} and {png}")
+    write_results(args.out, {"peak_docs_per_s": peak, "levels": levels}, also=f" and {png}")
 
 
 if __name__ == "__main__":

@@ -16,19 +16,18 @@ Prints a table and writes bench/results/pipeline.json.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-from stack import LABELS, ROOT, Stack, bench_settings
+from report import bench_parser, parse_bench_args, print_table, scratch_dir, write_results
+from stack import LABELS, Stack, bench_settings
 
 MODES = {"generative": "tiny", "embedding": "minilm"}
 DEFAULT_DOCS = {"generative": 6000, "embedding": 2000}
@@ -205,39 +204,40 @@ def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, A
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--docs", type=int, default=None, help="default: 6,000 / 2,000")
     parser.add_argument("--modes", default="generative,embedding")
     parser.add_argument("--repeats", type=int, default=3, help="(a, b) pairs per mode")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")
-    args = parser.parse_args()
+    args = parse_bench_args(parser, "pipeline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logs = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
+    logs = scratch_dir("bench")
     rows = [
         measure(mode, args.docs or DEFAULT_DOCS[mode], args.repeats, logs)
         for mode in args.modes.split(",")
     ]
-    print(
+    print_table(
         f"{'mode':<11} {'model':<7} {'docs':>7} {'(a) docs/s':>11} {'(b) docs/s':>11}"
-        f" {'(b) tokens/s':>13} {'(b)/(a)':>8}  pairs"
-    )
-    for r in rows:
-        print(
+        f" {'(b) tokens/s':>13} {'(b)/(a)':>8}  pairs",
+        (
             f"{r['mode']:<11} {r['model']:<7} {r['docs']:>7,} {r['direct_docs_per_s']:>11,.1f} "
             f"{r['pipeline_docs_per_s']:>11,.1f} {r['pipeline_tokens_per_s']:>13,} "
             f"{r['ratio']:>8.3f}  {' '.join(f'{x:.2f}' for x in r['pair_ratios'])}"
-        )
-    print("CPU seconds per pass (median): vLLM engine processes / everything else")
-    for r in rows:
-        a, b = r["cpu_s_median"]["direct"], r["cpu_s_median"]["pipeline"]
-        print(
-            f"{r['mode']:<11} (a) {a['engine_cpu_s']:>6.1f} / {a['other_cpu_s']:>5.1f}   "
-            f"(b) {b['engine_cpu_s']:>6.1f} / {b['other_cpu_s']:>5.1f}"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}
-    args.out.write_text(json.dumps({**meta, "results": rows}, indent=2))
-    print(f"wrote {args.out}")
+            for r in rows
+        ),
+    )
+    print_table(
+        "CPU seconds per pass (median): vLLM engine processes / everything else",
+        (cpu_row(r) for r in rows),
+    )
+    write_results(args.out, {"results": rows})
+
+
+def cpu_row(r: dict[str, Any]) -> str:
+    a, b = r["cpu_s_median"]["direct"], r["cpu_s_median"]["pipeline"]
+    return (
+        f"{r['mode']:<11} (a) {a['engine_cpu_s']:>6.1f} / {a['other_cpu_s']:>5.1f}   "
+        f"(b) {b['engine_cpu_s']:>6.1f} / {b['other_cpu_s']:>5.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,28 +9,21 @@ Prints a table and writes bench/results/spill.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import tempfile
-import time
-from pathlib import Path
-
 from ceiling import write_docs
-from stack import ROOT, Stack, bench_settings
+from report import bench_parser, parse_bench_args, print_table, scratch_dir, write_results
+from stack import Stack, bench_settings
 
 from postroom_cli.local import free_port
 from postroom_cli.standin import StandinServer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--docs", type=int, default=3000)
     parser.add_argument("--latency", type=float, default=0.25)
     parser.add_argument("--concurrency", default="16,32")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spill.json")
-    args = parser.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="postroom-spill-"))
+    args = parse_bench_args(parser, "spill")
+    logs = scratch_dir("spill")
     path = logs / "docs.jsonl"
     write_docs(path, args.docs)
     warm = logs / "warm.jsonl"
@@ -60,18 +53,15 @@ def main() -> None:
             )
     finally:
         standin.stop()
-    print(
-        f"{'docs':>6} {'latency':>8} {'concurrency':>12} {'limit/s':>8} {'docs/s':>8} {'ratio':>6}"
-    )
-    for r in rows:
-        print(
+    print_table(
+        f"{'docs':>6} {'latency':>8} {'concurrency':>12} {'limit/s':>8} {'docs/s':>8} {'ratio':>6}",
+        (
             f"{r['docs']:>6,} {r['latency_s']:>7.2f}s {r['concurrency']:>12} "
             f"{r['limit_docs_per_s']:>8.1f} {r['docs_per_s']:>8.1f} {r['ratio']:>6.3f}"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs, no GPU"}
-    args.out.write_text(json.dumps({**meta, "results": rows}, indent=2))
-    print(f"wrote {args.out}")
+            for r in rows
+        ),
+    )
+    write_results(args.out, {"results": rows})
 
 
 if __name__ == "__main__":

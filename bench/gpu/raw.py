@@ -1,0 +1,93 @@
+"""(a) raw vLLM: the offline `LLM.generate` with token-id prompts and one-step label scoring
+(child "raw", or beside (b) in the "engine" child with --paired)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.gpu.config import EngineCfg, engine_kwargs, vllm_env, vllm_version
+from bench.gpu.docs import job_layout, load_docs, prompts_of
+from bench.gpu.probe import Probe
+
+
+def label_of(layout: Any, step: dict[int, Any]) -> str | None:
+    best, best_lp = None, float("-inf")
+    for label, token in zip(layout.labels, layout.answer_ids, strict=True):
+        entry = step.get(token)
+        lp = float(getattr(entry, "logprob", entry)) if entry is not None else float("-inf")
+        if lp > best_lp:
+            best, best_lp = label, lp
+    return best
+
+
+class RawEngine:
+    """(a): vLLM's offline `LLM` with token-id prompts, tokenized before the clock starts."""
+
+    def __init__(self, cfg: dict[str, Any], engine: EngineCfg, data: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
+        self.layout = layout = job_layout(tok, data)
+        self.prompts = [
+            TokensPrompt(prompt_token_ids=p) for p in prompts_of(tok, layout, data["docs"])
+        ]
+        self.warm = [
+            TokensPrompt(prompt_token_ids=p) for p in prompts_of(tok, layout, data["warm"])
+        ]
+        # The best way we know: no detokenisation (scoring reads token ids), as (b) does.
+        self.params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=len(layout.answer_ids),
+            allowed_token_ids=list(layout.answer_ids),
+            detokenize=False,
+        )
+        self.params_detok = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=len(layout.answer_ids),
+            allowed_token_ids=list(layout.answer_ids),
+        )
+        started = time.monotonic()
+        self.llm = LLM(**engine_kwargs(cfg, engine))
+        self.start_s = time.monotonic() - started
+        self.llm.generate(self.warm, self.params, use_tqdm=False)
+        self.labels: list[str | None] = []
+
+    def timed(self, name: str, detokenize: bool = False) -> dict[str, Any]:
+        llm, params = self.llm, (self.params_detok if detokenize else self.params)
+        llm.reset_prefix_cache()
+        llm.generate(self.warm[:1], params, use_tqdm=False)  # the job's prefix is cached, as in (b)
+        with Probe() as probe:
+            outs = llm.generate(self.prompts, params, use_tqdm=False)
+        self.labels = [
+            label_of(self.layout, o.outputs[0].logprobs[0])
+            if o.outputs and o.outputs[0].logprobs
+            else None
+            for o in outs
+        ]
+        return {
+            "name": name,
+            "config": {"kind": "raw_detok" if detokenize else "raw"},
+            "docs": len(outs),
+            "ok": sum(1 for label in self.labels if label is not None),
+            "wall_s": probe.wall,
+            "prompt_tokens": sum(len(o.prompt_token_ids or []) for o in outs),
+            "cached_tokens": sum(int(o.num_cached_tokens or 0) for o in outs),
+            **probe.summary(),
+        }
+
+
+def child_raw(cfg: dict[str, Any]) -> dict[str, Any]:
+    vllm_env(cfg["device"])
+    raw = RawEngine(cfg, EngineCfg(**cfg["engine"]), load_docs(cfg))
+    passes = [raw.timed(f"LLM.generate rep {rep + 1}") for rep in range(cfg["repeats"])]
+    return {
+        "engine_start_s": raw.start_s,
+        "passes": passes,
+        "labels": raw.labels,
+        "vllm": vllm_version(),
+    }
