@@ -1,20 +1,29 @@
-"""Submission helpers against real S3 (moto server): background shard writes, the label check's
-tokenizer (no torch in the API process)."""
+"""Submission against real Postgres and S3 (moto server): refusals leave nothing behind, a repeat
+is the same job, background shard writes, the label check's tokenizer (no torch in the API)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
 
-from postroom.keys import input_shard_key
+from postroom.db.models import Job, Worker
+from postroom.errors import InvalidDocuments
+from postroom.keys import input_shard_key, rejected_lines_key
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
 from postroom.storage import Storage
+from postroom.submit import JobOptions, Submission
+from postroom.tenants import ensure_tenant
 from postroom.tokens import load
 
 LABELS = ["billing", "bills", "bug report", "bugfix", "praise", "question", "refund", "other"]
@@ -76,3 +85,86 @@ def test_the_api_checks_labels_without_loading_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- Submission: one path for every way in
+
+
+def _serve_tiny(sessions: sessionmaker[Session]) -> None:
+    """A worker row for `tiny`, as a live worker's heartbeat leaves (no engine needed here)."""
+    row = {"name": "gpu@submit-test", "route": "gpu", "models": ["tiny"], "stats": {}}
+    with sessions.begin() as session:
+        session.execute(
+            insert(Worker)
+            .values(**row, heartbeat_at=func.now())
+            .on_conflict_do_update(index_elements=[Worker.name], set_={"heartbeat_at": func.now()})
+        )
+
+
+def _input_keys(storage: Storage, job_id: uuid.UUID) -> list[str]:
+    listed, _ = storage.list_page(f"inputs/{job_id}/")
+    return [item.key for item in listed]
+
+
+def _submission(
+    sessions: sessionmaker[Session], storage: Storage, settings: Settings, **options: Any
+) -> Submission:
+    _serve_tiny(sessions)
+    with sessions() as session:
+        return Submission.start(
+            JobOptions(labels=["a", "b"], model="tiny", **options),
+            session=session,
+            storage=storage,
+            settings=settings.model_copy(update={"shard_size": 2}),
+        )
+
+
+def test_a_refused_submission_leaves_nothing_in_s3(
+    sessions: sessionmaker[Session], storage: Storage, settings: Settings
+) -> None:
+    sub = _submission(sessions, storage, settings)
+
+    def feed_and_seal() -> None:
+        with sub:
+            for n in range(5):
+                sub.add({"id": str(n), "text": f"doc {n}"})
+            sub.add({"id": "bad", "text": ""})
+            sub.seal()
+
+    with pytest.raises(InvalidDocuments, match="1 document line"):
+        feed_and_seal()
+    assert sub.intake.shard_sizes == [2, 2, 1]  # shards were written before the refusal…
+    assert _input_keys(storage, sub.job_id) == []  # …and deleted with it
+    assert sub.job is None
+
+
+def test_a_stream_is_recorded_once_and_a_repeat_discards_its_shards(
+    sessions: sessionmaker[Session], storage: Storage, settings: Settings
+) -> None:
+    body = b"".join(b'{"id": "%d", "text": "doc %d"}\n' % (n, n) for n in range(3))
+
+    def submit() -> Submission:
+        sub = _submission(sessions, storage, settings, on_invalid="skip")
+        with sub:
+            sub.open_stream(gzip=True, name="docs.jsonl.gz")
+            sub.feed(gzip.compress(body + b"not json\n"))
+            sub.seal()
+        with sessions() as session:
+            tenant_id = ensure_tenant(session=session, name="submit-test")
+            sub.record(session=session, tenant_id=tenant_id, idempotency_key=key, body_hash="same")
+            session.commit()
+        return sub
+
+    key = f"k-{uuid.uuid4().hex}"
+    first, second = submit(), submit()
+    assert first.created
+    assert not second.created
+    assert second.job is not None
+    assert second.job.id == first.job_id
+    assert len(_input_keys(storage, first.job_id)) == 2
+    assert _input_keys(storage, second.job_id) == []
+    with sessions() as session:
+        job = session.get_one(Job, first.job_id)
+        assert (job.total_docs, job.rejected_docs, job.shard_count) == (4, 1, 2)
+    rejected = storage.get_bytes(rejected_lines_key(first.job_id)).decode()
+    assert '"line":4' in rejected
