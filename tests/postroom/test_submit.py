@@ -67,6 +67,7 @@ def test_the_label_check_tokenizer_equals_transformers(alias: str, tiny_model_di
 
     path = str(tiny_model_dir) if alias == "tiny" else Settings().model_path(alias)
     fast, slow = load(path), AutoTokenizer.from_pretrained(path)
+    assert fast is not None  # both packaged models ship a tokenizer.json
     for text in [*LABELS, "\n\nLabel: billing", "naïve ünïcode 中文", ""]:
         for special in (False, True):
             assert fast.encode(text, add_special_tokens=special) == slow.encode(
