@@ -17,6 +17,15 @@ from postroom.domain import JOB_ACTIVE, QUEUE_SPILL, SHARD_CLAIMABLE, ShardState
 MIN_RATE_SPAN_S = 1.0  # a rate is never measured over less than this
 
 
+def _waiting(*columns: Any) -> Any:
+    """A select of claimable shards of active jobs (their job joined)."""
+    return (
+        select(*columns)
+        .join(Job, Job.id == Shard.job_id)
+        .where(Job.status.in_(JOB_ACTIVE), Shard.state.in_(SHARD_CLAIMABLE))
+    )
+
+
 def shard_admission(*, session: Session, job_id: uuid.UUID, shard_no: int) -> Any:
     """(attempt, releases, shard_count) of a shard before it is claimed, or None: a stale
     message. A shard with crashes behind it, or a part of a split, runs alone (admission)."""
@@ -61,11 +70,8 @@ def shards_to_republish(
     now = func.now()
     grace = timedelta(seconds=grace_seconds)
     rows = session.execute(
-        select(Shard.job_id, Shard.shard_no, Shard.queue)
-        .join(Job, Job.id == Shard.job_id)
+        _waiting(Shard.job_id, Shard.shard_no, Shard.queue)
         .where(
-            Job.status.in_(JOB_ACTIVE),
-            Shard.state.in_(SHARD_CLAIMABLE),
             or_(
                 and_(Shard.enqueued_at.is_(None), Job.created_at < now - grace),
                 and_(Shard.queue.in_(list(idle_queues)), Shard.enqueued_at < now - grace),
@@ -160,13 +166,8 @@ def spill_backlog(*, session: Session) -> list[tuple[uuid.UUID, int, int]]:
     """Unclaimed shards of active jobs in the spill queue, as (job_id, shard_no, docs), in the
     order spill workers take them: by publish time, the not yet published last."""
     rows = session.execute(
-        select(Shard.job_id, Shard.shard_no, Shard.doc_count)
-        .join(Job, Job.id == Shard.job_id)
-        .where(
-            Job.status.in_(JOB_ACTIVE),
-            Shard.state.in_(SHARD_CLAIMABLE),
-            Shard.queue == QUEUE_SPILL,
-        )
+        _waiting(Shard.job_id, Shard.shard_no, Shard.doc_count)
+        .where(Shard.queue == QUEUE_SPILL)
         .order_by(Shard.enqueued_at.asc().nulls_last(), Job.created_at, Shard.shard_no)
     ).all()
     return [(job_id, shard_no, docs) for job_id, shard_no, docs in rows]

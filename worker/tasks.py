@@ -104,6 +104,11 @@ class ShardRun:
     def spec(self) -> JobSpec:
         return self.order.spec
 
+    @property
+    def fence(self) -> dict[str, Any]:
+        """The keyword arguments of every fenced call on this shard: which one, which attempt."""
+        return {"job_id": self.job_id, "shard_no": self.shard_no, "attempt": self.claimed.attempt}
+
 
 def _run_admitted(
     runtime: Runtime, job_id: uuid.UUID, shard_no: int, *, celery: Celery
@@ -188,9 +193,7 @@ def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool
         # job finishing together do not queue behind each other's upserts.
         upsert_results(
             session=session,
-            job_id=run.job_id,
-            shard_no=run.shard_no,
-            attempt=run.claimed.attempt,
+            **run.fence,
             route=runtime.route,
             model=spec.model,
             revision=spec.revision,
@@ -198,9 +201,7 @@ def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool
         )
         won = finish_shard(
             session=session,
-            job_id=run.job_id,
-            shard_no=run.shard_no,
-            attempt=run.claimed.attempt,
+            **run.fence,
             succeeded=len(results) - failed,
             failed=failed,
             route=runtime.route,
@@ -244,12 +245,7 @@ def _release(runtime: Runtime, run: ShardRun) -> None:
     SHARDS.labels(runtime.route, "released").inc()
     try:
         with runtime.sessions.begin() as session:
-            release_shard(
-                session=session,
-                job_id=run.job_id,
-                shard_no=run.shard_no,
-                attempt=run.claimed.attempt,
-            )
+            release_shard(session=session, **run.fence)
     except OperationalError as e:  # the database is down too: the lease will run out instead
         logger.warning("could not release the shard (%s); its lease will expire", e)
 

@@ -1,11 +1,7 @@
 """tenants, keys, jobs, shards, results, workers
 
-Revision ID: 0001
-Revises:
 Create Date: 2026-11-24 09:20:41.433481
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -13,8 +9,6 @@ from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -1,11 +1,7 @@
 """files, batches: the OpenAI-compatible Batch API (a batch wraps a job)
 
-Revision ID: 0002
-Revises: 0001
 Create Date: 2026-11-24 12:00:00
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -13,8 +9,6 @@ from sqlalchemy.dialects import postgresql
 
 revision: str = "0002"
 down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def _at(name: str) -> sa.Column[sa.DateTime]:

@@ -1,19 +1,13 @@
 """shards.results_written_at (S3 object written after the fenced commit), shards.releases
 
-Revision ID: 0003
-Revises: 0002
 Create Date: 2026-11-24
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
 down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

@@ -1,19 +1,13 @@
 """inbox_objects: the S3 drop folder, one row per (bucket, key, ETag)
 
-Revision ID: 0005
-Revises: 0004
 Create Date: 2026-11-24
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
 down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def _at(name: str) -> sa.Column[sa.DateTime]:

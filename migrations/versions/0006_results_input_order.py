@@ -3,19 +3,13 @@
 A split shard's parts get new shard numbers after the last one, so (shard_no, line) put their
 documents at the end; `line` is the document's line (or list index + 1) in what the user sent.
 
-Revision ID: 0006
-Revises: 0005
 Create Date: 2026-11-24
 """
-
-from collections.abc import Sequence
 
 from alembic import op
 
 revision: str = "0006"
 down_revision: str | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

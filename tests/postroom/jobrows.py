@@ -29,7 +29,7 @@ def make_job(
     sessions: sessionmaker[Session],
     *,
     sizes: tuple[int, ...] = (3, 3),
-    queue: str = "gpu.tiny",
+    queue: str = "gpu.rows",
     rejected: tuple[Rejected, ...] = (),
     tenant: str | None = None,
 ) -> uuid.UUID:

@@ -15,6 +15,8 @@ from postroom.jobs import cancel_job, find_job, job_counts, spend_by_route
 from postroom.shards import claim_shard, finish_shard
 from tests.postroom.jobrows import claim, job_status, make_job, shard_row
 
+pytestmark = pytest.mark.usefixtures("stop_jobs_made_here")
+
 
 def test_a_job_counts_its_skipped_lines_as_failed(sessions: sessionmaker[Session]) -> None:
     bad = Rejected(line=4, id=None, field="text", reason="empty", result_id="line:4")

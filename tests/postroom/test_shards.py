@@ -4,6 +4,7 @@ worker and the beat."""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.backlog import shards_to_republish, unpublished_shards
@@ -20,12 +21,14 @@ from postroom.shards import (
 )
 from tests.postroom.jobrows import claim, finish, job_status, make_job, shard_row
 
+pytestmark = pytest.mark.usefixtures("stop_jobs_made_here")
+
 
 def test_a_shard_is_claimed_once_and_its_job_starts(sessions: sessionmaker[Session]) -> None:
     job_id = make_job(sessions)
     assert job_status(sessions, job_id) == "queued"
     first = claim(sessions, job_id, 0)
-    assert first == Claimed(attempt=1, crashes=0, queue="gpu.tiny")
+    assert first == Claimed(attempt=1, crashes=0, queue="gpu.rows")
     assert job_status(sessions, job_id) == "running"
     # A duplicate delivery of the same doorbell is a no-op.
     assert claim(sessions, job_id, 0) is None
@@ -46,7 +49,7 @@ def test_a_worker_claims_only_shards_of_its_route(sessions: sessionmaker[Session
     # A claimed shard no longer moves.
     with sessions.begin() as session:
         assert (
-            move_unclaimed(session=session, job_id=job_id, shard_nos=[0], to_queue="gpu.tiny") == []
+            move_unclaimed(session=session, job_id=job_id, shard_nos=[0], to_queue="gpu.rows") == []
         )
 
 
@@ -89,7 +92,7 @@ def test_a_released_shard_is_claimed_again_without_a_crash(sessions: sessionmake
         # Only the holder can release.
         assert not release_shard(session=session, job_id=job_id, shard_no=0, attempt=first.attempt)
     again = claim(sessions, job_id, 0)
-    assert again == Claimed(attempt=2, crashes=0, queue="gpu.tiny")
+    assert again == Claimed(attempt=2, crashes=0, queue="gpu.rows")
 
 
 def test_expired_leases_are_republished(sessions: sessionmaker[Session]) -> None:
@@ -106,13 +109,13 @@ def test_expired_leases_are_republished(sessions: sessionmaker[Session]) -> None
         due = shards_to_republish(
             session=session, idle_queues=[], grace_seconds=0, stale_seconds=3600
         )
-    assert (job_id, 0, "gpu.tiny") in due
-    assert (job_id, 1, "gpu.tiny") not in due  # published, its queue not known to be empty
+    assert (job_id, 0, "gpu.rows") in due
+    assert (job_id, 1, "gpu.rows") not in due  # published, its queue not known to be empty
     with sessions() as session:
         idle = shards_to_republish(
-            session=session, idle_queues=["gpu.tiny"], grace_seconds=0, stale_seconds=3600
+            session=session, idle_queues=["gpu.rows"], grace_seconds=0, stale_seconds=3600
         )
-    assert {(job_id, 0, "gpu.tiny"), (job_id, 1, "gpu.tiny")} <= set(idle)
+    assert {(job_id, 0, "gpu.rows"), (job_id, 1, "gpu.rows")} <= set(idle)
 
 
 def test_a_split_is_fenced_deterministic_and_finishes_the_job(
@@ -134,7 +137,7 @@ def test_a_split_is_fenced_deterministic_and_finishes_the_job(
                 attempt=attempt,
                 children=children,
                 child_sizes=[2, 2],
-                queue="gpu.tiny",
+                queue="gpu.rows",
             )
 
     assert split(claimed.attempt + 1) == []  # not the holder

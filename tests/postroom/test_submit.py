@@ -26,6 +26,8 @@ from postroom.submit import JobOptions, Submission
 from postroom.tenants import ensure_tenant
 from postroom.tokens import load
 
+pytestmark = pytest.mark.usefixtures("stop_jobs_made_here")
+
 LABELS = ["billing", "bills", "bug report", "bugfix", "praise", "question", "refund", "other"]
 
 
