@@ -22,6 +22,7 @@ from postroom.settings import Settings
 from postroom.tenants import create_key
 from postroom_cli.client import ApiError, Client
 from postroom_cli.evaluate import run_eval
+from postroom_cli.jobs_view import print_summary
 from postroom_cli.local import (
     children,
     free_port,
@@ -32,7 +33,6 @@ from postroom_cli.local import (
     start_moto,
     wait_until,
 )
-from postroom_cli.main import print_summary
 from postroom_cli.standin import StandinServer
 
 console = Console(stderr=True)

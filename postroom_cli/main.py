@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import collections
 import json
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from postroom.settings import DEFAULT_TINY_MODEL_DIR, get_settings
 from postroom_cli.client import ApiError, Client
+from postroom_cli.jobs_view import print_summary, wait_for_job
+from postroom_cli.terminal import console, err
 
 app = typer.Typer(help="Postroom: classify documents in bulk.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 model_app = typer.Typer(help="Models that need no download.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(model_app, name="model")
-console = Console()
-err = Console(stderr=True)
-
-FINISHED = ("completed", "failed", "cancelled")
 
 
 def _client(api_url: str | None, key: str | None) -> Client:
@@ -214,74 +208,6 @@ def submit(
         err.print(f"[red]{e}[/]")
         raise typer.Exit(1) from e
     print(job["id"])
-
-
-def wait_for_job(client: Client, job_id: str, *, timeout: float) -> dict[str, Any]:
-    """Poll the job with a progress bar until it finishes or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    job = client.job(job_id)
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task(job["status"], total=job["counts"]["total"], rate="")
-        while True:
-            counts = job["counts"]
-            rate = job.get("rate_docs_per_second")
-            progress.update(
-                task,
-                completed=counts["succeeded"] + counts["failed"] + counts["cancelled"],
-                description=job["status"],
-                rate=f"{rate:,.0f} docs/s" if rate else "",
-            )
-            if job["status"] in FINISHED:
-                return job
-            if time.monotonic() > deadline:
-                err.print(f"[red]job {job_id} did not finish within {timeout:.0f}s[/]")
-                raise typer.Exit(1)
-            time.sleep(0.5)
-            job = client.job(job_id)
-
-
-def print_summary(client: Client, job: dict[str, Any]) -> collections.Counter[str]:
-    """A table of label counts (and failures by reason) for a finished job."""
-    labels: collections.Counter[str] = collections.Counter()
-    errors: collections.Counter[str] = collections.Counter()
-    for line in client.results(job["id"]):
-        if line["error"]:
-            errors[line["error"].split(":")[0]] += 1
-        else:
-            labels[line["label"]] += 1
-    table = Table(title=f"job {job['id']}: {job['status']}")
-    table.add_column("label")
-    table.add_column("documents", justify="right")
-    table.add_column("share", justify="right")
-    total = sum(labels.values()) or 1
-    for name, count in labels.most_common():
-        table.add_row(name, f"{count:,}", f"{count / total:.1%}")
-    for reason, count in errors.most_common():
-        table.add_row(f"[red]failed: {reason}[/]", f"{count:,}", "")
-    console.print(table)
-    counts = job["counts"]
-    console.print(
-        f"total {counts['total']:,} · succeeded {counts['succeeded']:,} · "
-        f"failed {counts['failed']:,} · rate {job.get('rate_docs_per_second') or 0:,.1f} docs/s"
-    )
-    spend = job.get("spend") or {}
-    routes = [
-        f"{r}: {v['docs']:,} docs ${v['cost']:.4f}"
-        for r, v in spend.items()
-        if r in ("gpu", "spill")
-    ]
-    if routes:
-        console.print(
-            f"routes {' · '.join(routes)} · ${spend.get('per_1000_docs') or 0:.4f} per 1,000 docs"
-        )
-    return labels
 
 
 @app.command()
