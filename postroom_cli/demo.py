@@ -7,6 +7,7 @@ Starts moto S3 on loopback when no S3 endpoint is configured, checks that Postgr
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -14,6 +15,7 @@ from urllib.parse import urlparse
 from pydantic import SecretStr
 from rich.console import Console
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.migrate import migrate
 from postroom.db.models import Worker
@@ -22,6 +24,7 @@ from postroom.settings import Settings
 from postroom.tenants import create_key
 from postroom_cli.client import ApiError, Client
 from postroom_cli.evaluate import run_eval
+from postroom_cli.jobs_view import print_summary
 from postroom_cli.local import (
     children,
     free_port,
@@ -32,7 +35,6 @@ from postroom_cli.local import (
     start_moto,
     wait_until,
 )
-from postroom_cli.main import print_summary
 from postroom_cli.standin import StandinServer
 
 console = Console(stderr=True)
@@ -74,6 +76,8 @@ def pick_model(settings: Settings, *, model: str | None, mode: str | None) -> st
 def run_demo(
     settings: Settings, *, file: Path, model: str | None, mode: str | None, gpu_workers: int = 1
 ) -> int:
+    """Classify `file` on a local stack, starting what is missing; the exit code (0 when the
+    job ran, 1 when the demo failed, 2 when Postgres or Redis do not answer)."""
     problems = check_services(settings)
     if problems:
         for line in problems:
@@ -84,27 +88,11 @@ def run_demo(
     standin = None
     if gpu_workers == 0 and not settings.spill_base_url:
         standin = StandinServer(free_port()).start()
-        env["POSTROOM_SPILL_BASE_URL"] = standin.url
-        settings = settings.model_copy(update={"spill_base_url": standin.url})
-        console.print(f"[green]✓[/] managed API: stand-in on {standin.url} (no GPU workers)")
+        settings = _use_standin(settings, env=env, url=standin.url)
     moto = None
     if not settings.s3_endpoint_url:
         moto, endpoint = start_moto()
-        env.update(
-            POSTROOM_S3_ENDPOINT_URL=endpoint,
-            POSTROOM_S3_ACCESS_KEY_ID="demo",
-            POSTROOM_S3_SECRET_ACCESS_KEY="demo",
-        )
-        settings = settings.model_copy(
-            update={
-                "s3_endpoint_url": endpoint,
-                "s3_access_key_id": "demo",
-                "s3_secret_access_key": SecretStr("demo"),
-            }
-        )
-        console.print(
-            f"[green]✓[/] S3: moto server on {endpoint} (no POSTROOM_S3_ENDPOINT_URL set)"
-        )
+        settings = _use_moto(settings, env=env, endpoint=endpoint)
     from postroom.storage import Storage
 
     Storage(settings).ensure_bucket()
@@ -117,31 +105,12 @@ def run_demo(
     sessions = make_sessionmaker(engine)
     try:
         with children() as procs:
-            api = spawn(postroom_command("api", "--port", str(port)), env=env, log=logs / "api.log")
-            procs.append(api)
-            if gpu_workers:
-                command = postroom_command("worker", "--models", alias)
-            else:
-                command = postroom_command("worker", "--route", "spill")
-            worker = spawn(command, env=env, log=logs / "worker.log")
-            procs.append(worker)
-            for _ in range(1, gpu_workers):
-                procs.append(spawn(command, env=env, log=logs / "worker.log"))
-            kind = f"{gpu_workers} GPU worker(s) for {alias!r}" if gpu_workers else "a spill worker"
-            console.print(f"… starting the API on {api_url} and {kind} (logs: {logs})")
-            wait_until(
-                lambda: http_ok(f"{api_url}/readyz"), timeout=60, what="API ready", alive=api
+            _start_processes(
+                procs, env=env, port=port, alias=alias, gpu_workers=gpu_workers, logs=logs
             )
-
-            def worker_ready() -> bool:
-                with sessions() as session:
-                    rows = session.execute(select(Worker.route, Worker.stats)).all()
-                if not gpu_workers:
-                    return any(route == "spill" for route, _ in rows)
-                return any(alias in (stats.get("engines") or {}) for _, stats in rows)
-
-            wait_until(worker_ready, timeout=600, what="worker engine started", alive=worker)
-            console.print("[green]✓[/] API and worker are up")
+            _wait_ready(
+                procs, api_url=api_url, sessions=sessions, alias=alias, gpu=bool(gpu_workers)
+            )
             with sessions.begin() as session:
                 key = create_key(session=session, tenant="demo")
             client = Client(api_url, key)
@@ -174,3 +143,73 @@ def run_demo(
         if standin is not None:
             standin.stop()
     return 0
+
+
+def _use_standin(settings: Settings, *, env: dict[str, str], url: str) -> Settings:
+    """Send spill to the stand-in managed API at `url`, in `env` for the children too."""
+    env["POSTROOM_SPILL_BASE_URL"] = url
+    console.print(f"[green]✓[/] managed API: stand-in on {url} (no GPU workers)")
+    return settings.model_copy(update={"spill_base_url": url})
+
+
+def _use_moto(settings: Settings, *, env: dict[str, str], endpoint: str) -> Settings:
+    """Use the moto S3 server at `endpoint`, in `env` for the children too."""
+    env.update(
+        POSTROOM_S3_ENDPOINT_URL=endpoint,
+        POSTROOM_S3_ACCESS_KEY_ID="demo",
+        POSTROOM_S3_SECRET_ACCESS_KEY="demo",
+    )
+    console.print(f"[green]✓[/] S3: moto server on {endpoint} (no POSTROOM_S3_ENDPOINT_URL set)")
+    return settings.model_copy(
+        update={
+            "s3_endpoint_url": endpoint,
+            "s3_access_key_id": "demo",
+            "s3_secret_access_key": SecretStr("demo"),
+        }
+    )
+
+
+def _start_processes(
+    procs: list[subprocess.Popen[bytes]],
+    *,
+    env: dict[str, str],
+    port: int,
+    alias: str,
+    gpu_workers: int,
+    logs: Path,
+) -> None:
+    """`postroom api` on `port`, then `gpu_workers` GPU workers for `alias` (or, with none,
+    one spill worker); the API comes first in `procs`, then the workers."""
+    procs.append(spawn(postroom_command("api", "--port", str(port)), env=env, log=logs / "api.log"))
+    if gpu_workers:
+        command = postroom_command("worker", "--models", alias)
+    else:
+        command = postroom_command("worker", "--route", "spill")
+    for _ in range(max(gpu_workers, 1)):
+        procs.append(spawn(command, env=env, log=logs / "worker.log"))
+    kind = f"{gpu_workers} GPU worker(s) for {alias!r}" if gpu_workers else "a spill worker"
+    console.print(f"… starting the API on http://127.0.0.1:{port} and {kind} (logs: {logs})")
+
+
+def _wait_ready(
+    procs: list[subprocess.Popen[bytes]],
+    *,
+    api_url: str,
+    sessions: sessionmaker[Session],
+    alias: str,
+    gpu: bool,
+) -> None:
+    """Until the API answers /readyz and a worker has registered (with `alias`'s engine up, for
+    GPU workers); raises when the API or the first worker exits first."""
+    api, worker = procs[0], procs[1]
+    wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout=60, what="API ready", alive=api)
+
+    def worker_ready() -> bool:
+        with sessions() as session:
+            rows = session.execute(select(Worker.route, Worker.stats)).all()
+        if not gpu:
+            return any(route == "spill" for route, _ in rows)
+        return any(alias in (stats.get("engines") or {}) for _, stats in rows)
+
+    wait_until(worker_ready, timeout=600, what="worker engine started", alive=worker)
+    console.print("[green]✓[/] API and worker are up")

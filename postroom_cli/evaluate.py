@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from postroom_cli.client import Client
+from postroom_cli.jobs_view import wait_for_job
 from postroom_cli.quality import Report, print_report, score
 
 SAMPLE = Path(__file__).resolve().parents[1] / "postroom" / "data" / "support_tickets.jsonl"
@@ -48,8 +49,6 @@ def run_eval(
     spill: str | None = None,
 ) -> tuple[Report, dict[str, Any], float]:
     """Upload the documents without their `label` field, wait, and score the results."""
-    from postroom_cli.main import wait_for_job
-
     param = labels_param(path, labels)
     truth: dict[str, str] = {}
     with (

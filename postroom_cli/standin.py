@@ -111,105 +111,112 @@ def create_standin(state: State | None = None) -> FastAPI:
         except ClientDisconnect:  # the client died mid-request (the fault suite kills workers)
             call.disconnected = True
             return _done(call, Response(status_code=499))
-        messages = body.get("messages") or []
-        user = [m for m in messages if m.get("role") == "user"]
-        document = str(user[-1]["content"]) if user else ""
-        call.document = document
+        call.document = _user_document(body)
         faults = state.faults
         try:
-            if faults.latency:
-                await asyncio.sleep(faults.latency)
-            if _every(index, faults.slow_rate, offset=4):
-                call.fault = "slow"
-                await asyncio.sleep(faults.slow_seconds)
-            if (
-                (faults.hang_marker and faults.hang_marker in document)
-                or index <= faults.hang_first
-                or _every(index, faults.hang_rate, offset=3)
-            ):
-                call.fault = "hang"
-                await asyncio.sleep(faults.hang_seconds)
-                # Past any client's deadline: what a gateway would say to a client long gone.
-                return _done(call, JSONResponse({"error": {"message": "timeout"}}, status_code=504))
-            if index <= faults.rate_limit_first or _every(index, faults.rate_limit_rate, offset=2):
-                call.fault = "rate_limit"
-                return _done(
-                    call,
-                    JSONResponse(
-                        {"error": {"message": "rate limited", "type": "rate_limit_exceeded"}},
-                        status_code=429,
-                        headers={"Retry-After": f"{faults.retry_after:g}"},
-                    ),
-                )
-            if _every(index, faults.error_rate):
-                call.fault = "error"
-                return _done(call, JSONResponse({"error": {"message": "boom"}}, status_code=500))
-            if _every(index, faults.malformed_body_rate, offset=1):
-                call.fault = "malformed"
-                return _done(
-                    call,
-                    Response(
-                        '{"id": "chatcmpl-1", "choi', status_code=200, media_type="application/json"
-                    ),
-                )
-            labels, key = _labels_and_key(body)
-            if not labels:
-                return _done(
-                    call,
-                    JSONResponse(
-                        {"error": {"message": "response_format must carry a JSON schema enum"}},
-                        status_code=400,
-                    ),
-                )
-            label = pick_label(document, labels)
-            if faults.outside_marker and faults.outside_marker in document:
-                call.fault = "outside"
-                label = UNKNOWN_LABEL
-            content = json.dumps({key: label}) if key else json.dumps(label)
-            if faults.garbage_marker and faults.garbage_marker in document:
-                call.fault = "garbage"
-                content = "{" + label
-            prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-            if body.get("logprobs"):
-                choice["logprobs"] = {
-                    "content": [
-                        {
-                            "token": content,
-                            "logprob": math.log(0.9),
-                            "bytes": None,
-                            "top_logprobs": [],
-                        }
-                    ]
-                }
-            return _done(
-                call,
-                JSONResponse(
-                    {
-                        "id": f"chatcmpl-{index}",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": body.get("model", "standin"),
-                        "choices": [choice],
-                        "usage": {
-                            "prompt_tokens": prompt_tokens,
-                            "completion_tokens": 5,
-                            "total_tokens": prompt_tokens + 5,
-                        },
-                    }
-                ),
-            )
+            response = await _injected_fault(call, index, faults)
+            if response is None:
+                response = _completion(call, index, body, faults)
+            return _done(call, response)
         except asyncio.CancelledError:
             call.disconnected = True
             call.finished = time.time()
             raise
 
     return app
+
+
+def _user_document(body: dict[str, Any]) -> str:
+    """The last user message: the document to classify."""
+    messages = body.get("messages") or []
+    user = [m for m in messages if m.get("role") == "user"]
+    return str(user[-1]["content"]) if user else ""
+
+
+async def _injected_fault(call: Call, index: int, faults: Faults) -> Response | None:
+    """Wait out the latency, slowness or hang this call is due, then answer for the fault it
+    gets (a hang, 429, 500 or malformed body); None when the call gets a real answer."""
+    if faults.latency:
+        await asyncio.sleep(faults.latency)
+    if _every(index, faults.slow_rate, offset=4):
+        call.fault = "slow"
+        await asyncio.sleep(faults.slow_seconds)
+    if (
+        (faults.hang_marker and faults.hang_marker in call.document)
+        or index <= faults.hang_first
+        or _every(index, faults.hang_rate, offset=3)
+    ):
+        call.fault = "hang"
+        await asyncio.sleep(faults.hang_seconds)
+        # Past any client's deadline: what a gateway would say to a client long gone.
+        return JSONResponse({"error": {"message": "timeout"}}, status_code=504)
+    if index <= faults.rate_limit_first or _every(index, faults.rate_limit_rate, offset=2):
+        call.fault = "rate_limit"
+        return JSONResponse(
+            {"error": {"message": "rate limited", "type": "rate_limit_exceeded"}},
+            status_code=429,
+            headers={"Retry-After": f"{faults.retry_after:g}"},
+        )
+    if _every(index, faults.error_rate):
+        call.fault = "error"
+        return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+    if _every(index, faults.malformed_body_rate, offset=1):
+        call.fault = "malformed"
+        return Response(
+            '{"id": "chatcmpl-1", "choi', status_code=200, media_type="application/json"
+        )
+    return None
+
+
+def _completion(call: Call, index: int, body: dict[str, Any], faults: Faults) -> Response:
+    """A chat completion whose content is the picked label in the requested schema (or, for
+    the marked documents, a label outside the set or unparseable content)."""
+    labels, key = _labels_and_key(body)
+    if not labels:
+        return JSONResponse(
+            {"error": {"message": "response_format must carry a JSON schema enum"}},
+            status_code=400,
+        )
+    label = pick_label(call.document, labels)
+    if faults.outside_marker and faults.outside_marker in call.document:
+        call.fault = "outside"
+        label = UNKNOWN_LABEL
+    content = json.dumps({key: label}) if key else json.dumps(label)
+    if faults.garbage_marker and faults.garbage_marker in call.document:
+        call.fault = "garbage"
+        content = "{" + label
+    messages = body.get("messages") or []
+    prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
+    return JSONResponse(
+        {
+            "id": f"chatcmpl-{index}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "standin"),
+            "choices": [_choice(content, logprobs=bool(body.get("logprobs")))],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": 5,
+                "total_tokens": prompt_tokens + 5,
+            },
+        }
+    )
+
+
+def _choice(content: str, *, logprobs: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
+    if logprobs:
+        choice["logprobs"] = {
+            "content": [
+                {"token": content, "logprob": math.log(0.9), "bytes": None, "top_logprobs": []}
+            ]
+        }
+    return choice
 
 
 def _every(index: int, rate: float, offset: int = 0) -> bool:

@@ -1,0 +1,193 @@
+"""Commands that talk to the API as a tenant: submit, status, results, cancel, eval, and demo
+(which first starts a local stack to talk to)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from postroom.settings import get_settings
+from postroom_cli.client import ApiError, Client
+from postroom_cli.jobs_view import print_summary, wait_for_job
+from postroom_cli.terminal import console, err
+
+ApiUrl = Annotated[str | None, typer.Option(help="API base URL [POSTROOM_API_URL]")]
+ApiKey = Annotated[str | None, typer.Option("--key", help="API key [POSTROOM_API_KEY]")]
+
+
+def _client(api_url: str | None, key: str | None) -> Client:
+    settings = get_settings()
+    return Client(api_url or settings.api_url, key or settings.api_key.get_secret_value())
+
+
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL documents")],
+    labels: Annotated[str, typer.Option(help="a,b,c or a JSON list of {name, description}")],
+    mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    model: Annotated[str | None, typer.Option(help="model alias")] = None,
+    decoding: Annotated[str, typer.Option(help="score | choice")] = "score",
+    instructions: str | None = None,
+    on_invalid: Annotated[str, typer.Option(help="reject | skip")] = "reject",
+    spill: str = "auto",
+    deadline: Annotated[str | None, typer.Option(help="ISO 8601 or seconds")] = None,
+    wait: Annotated[bool, typer.Option(help="wait with a progress bar, then print labels")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 3600.0,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Upload a JSONL file as a job. The job id is the last line of output."""
+    client = _client(api_url, key)
+    params = {
+        "labels": labels,
+        "mode": mode,
+        "model": model,
+        "decoding": decoding,
+        "instructions": instructions,
+        "on_invalid": on_invalid,
+        "spill": spill,
+        "deadline": deadline,
+    }
+    try:
+        job = client.upload(file, params)
+        for warning in job.get("warnings", []):
+            err.print(f"[yellow]warning:[/] {warning}")
+        if wait:
+            job = wait_for_job(client, job["id"], timeout=timeout)
+            print_summary(client, job)
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    print(job["id"])
+
+
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="show this job only")] = None,
+    once: Annotated[bool, typer.Option(help="print one snapshot and exit")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print JSON (one snapshot; implies --once)")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Live view of queues, workers, your jobs (progress, ETA) and spill; or one job."""
+    from postroom_cli.status_view import render, run_live
+
+    client = _client(api_url, key)
+    try:
+        if job_id is None and not (once or as_json):
+            run_live(client, console, interval=interval)
+            return
+        data = client.job(job_id) if job_id else client.status()
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    if job_id is None:
+        console.print(render(data))
+        return
+    jobs = [data]
+    table = Table()
+    for column in ("id", "status", "model", "total", "succeeded", "failed", "docs/s", "created"):
+        table.add_column(column)
+    for job in jobs:
+        c = job["counts"]
+        table.add_row(
+            job["id"],
+            job["status"],
+            job["model"],
+            str(c["total"]),
+            str(c["succeeded"]),
+            str(c["failed"]),
+            str(job.get("rate_docs_per_second") or ""),
+            job["created_at"][:19],
+        )
+    console.print(table)
+
+
+def results(
+    job_id: str,
+    only_failed: Annotated[bool, typer.Option("--failed", help="only failed documents")] = False,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Print a job's results as JSONL."""
+    client = _client(api_url, key)
+    try:
+        for line in client.results(job_id, only_failed=only_failed):
+            print(json.dumps(line, ensure_ascii=False))
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+
+
+def cancel(job_id: str, api_url: ApiUrl = None, key: ApiKey = None) -> None:
+    """Cancel a job: what has not started stops; finished results stay."""
+    client = _client(api_url, key)
+    try:
+        job = client.cancel(job_id)
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    console.print(f"job {job['id']}: {job['status']}")
+
+
+def eval_(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL with `label`")],
+    labels: Annotated[
+        str | None, typer.Option(help="a,b,c, a JSON list, or @labels.json (default: sidecar)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="model alias")] = None,
+    mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    api_url: ApiUrl = None,
+    key: ApiKey = None,
+) -> None:
+    """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion."""
+    from postroom_cli.evaluate import run_eval
+
+    client = _client(api_url, key)
+    try:
+        report, job, elapsed = run_eval(
+            client, file, labels=labels, model=model, mode=mode, console=console
+        )
+    except (ApiError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    data = {
+        **report.to_json(),
+        "job_id": job["id"],
+        "model": job["model"],
+        "revision": job["revision"],
+        "seconds": round(elapsed, 2),
+    }
+    if json_out:
+        json_out.write_text(json.dumps(data, indent=2))
+        console.print(f"report written to {json_out}")
+
+
+def demo(
+    file: Annotated[
+        Path | None, typer.Option(help="labelled JSONL (default: the shipped support tickets)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="model alias [POSTROOM_MODEL]")] = None,
+    mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    gpu_workers: Annotated[
+        int, typer.Option(help="GPU workers to start; 0 sends the job to the managed API")
+    ] = 1,
+) -> None:
+    """Start what is missing (S3, API, worker), classify the sample, print labels and accuracy."""
+    from postroom_cli.demo import run_demo
+    from postroom_cli.evaluate import SAMPLE
+
+    raise typer.Exit(
+        run_demo(
+            get_settings(), file=file or SAMPLE, model=model, mode=mode, gpu_workers=gpu_workers
+        )
+    )

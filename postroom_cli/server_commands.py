@@ -1,0 +1,118 @@
+"""Commands that run Postroom's processes: migrate, api, worker, beat, flower, and `model tiny`
+(the model those processes serve when nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from postroom.settings import DEFAULT_TINY_MODEL_DIR, get_settings
+from postroom_cli.terminal import console
+
+model_app = typer.Typer(help="Models that need no download.", no_args_is_help=True)
+
+
+def migrate() -> None:
+    """Create the database if missing and run `alembic upgrade head`."""
+    from postroom.db.migrate import migrate as run_migrations
+
+    created = run_migrations(get_settings().database_url)
+    console.print(f"database {'created and ' if created else ''}migrated to head")
+
+
+def api(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+) -> None:
+    """Run the HTTP API."""
+    from api.main import run_api
+
+    settings = get_settings()
+    run_api(settings, host=host or settings.api_host, port=port or settings.api_port)
+
+
+def worker(
+    models: Annotated[
+        str | None,
+        typer.Option(help="model aliases to serve, comma-separated [POSTROOM_WORKER_MODELS]"),
+    ] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="queues (default: one per served alias)")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="shards in flight [POSTROOM_WORKER_CONCURRENCY]")
+    ] = None,
+    route: Annotated[
+        str, typer.Option(help="gpu (vLLM engines) or spill (the managed API)")
+    ] = "gpu",
+    loglevel: str = "INFO",
+) -> None:
+    """Run a worker: `gpu` hosts one long-lived vLLM engine per served model with many shards in
+    flight; `spill` classifies through the managed OpenAI-compatible API (POSTROOM_SPILL_*)."""
+    from worker.main import run_worker
+
+    if route not in ("gpu", "spill"):
+        raise typer.BadParameter("--route is gpu or spill")
+    settings = get_settings()
+    served = (
+        [m.strip() for m in models.split(",") if m.strip()] if models else settings.served_models()
+    )
+    unknown = [m for m in served if m not in settings.models]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown model aliases {unknown}; known: {sorted(settings.models)}"
+        )
+    run_worker(
+        settings,
+        models=served,
+        queues=[q.strip() for q in queues.split(",")] if queues else None,
+        concurrency=concurrency or settings.worker_concurrency,
+        route=route,
+        loglevel=loglevel,
+    )
+
+
+def beat(loglevel: str = "INFO") -> None:
+    """Run the periodic tasks (reaper; later router and inbox) with Celery beat."""
+    from control.beat import run_beat
+
+    run_beat(get_settings(), loglevel=loglevel)
+
+
+def flower(
+    port: Annotated[int | None, typer.Option(help="port [POSTROOM_FLOWER_PORT]")] = None,
+    address: str = "127.0.0.1",
+) -> None:
+    """Run Flower on the broker, behind basic auth (POSTROOM_FLOWER_BASIC_AUTH=user:password)."""
+    from postroom.queue import make_celery
+
+    settings = get_settings()
+    auth = settings.flower_basic_auth.get_secret_value()
+    if ":" not in auth:
+        raise typer.BadParameter(
+            "set POSTROOM_FLOWER_BASIC_AUTH=user:password; Flower never runs open"
+        )
+    make_celery(settings).start(
+        [
+            "flower",
+            f"--port={port or settings.flower_port}",
+            f"--address={address}",
+            f"--basic-auth={auth}",
+            "--persistent=False",
+            "--max_tasks=100000",
+        ]
+    )
+
+
+@model_app.command("tiny")
+def model_tiny(
+    directory: Annotated[Path, typer.Argument()] = Path(DEFAULT_TINY_MODEL_DIR),
+    seed: int = 0,
+) -> None:
+    """Generate the tiny random-weight decoder and its tokenizer (no download)."""
+    from worker.tiny_model import build_model
+
+    build_model(directory, seed=seed)
+    console.print(f"tiny model written to {directory}")
