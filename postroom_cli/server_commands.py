@@ -75,7 +75,7 @@ def worker(
 
 
 def beat(loglevel: str = "INFO") -> None:
-    """Run the periodic tasks (reaper; later router and inbox) with Celery beat."""
+    """Run the control process (router, reaper, S3 drop folder) with Celery beat."""
     from control.beat import run_beat
 
     run_beat(get_settings(), loglevel=loglevel)
