@@ -137,3 +137,21 @@ def new_key(sessions: sessionmaker[Session], *, tenant: str | None = None) -> st
     """An API key for `tenant`, by default a fresh one: tests are isolated by tenant."""
     with sessions.begin() as session:
         return create_key(session=session, tenant=tenant or f"t-{uuid.uuid4().hex[:12]}")
+
+
+def label_response_format(name: str, labels: list[str]) -> dict[str, Any]:
+    """An OpenAI `response_format` asking for `{"label": one of labels}` under a strict JSON
+    schema named `name`: what a classification request through the OpenAI routes carries."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": name,
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"label": {"type": "string", "enum": labels}},
+                "required": ["label"],
+                "additionalProperties": False,
+            },
+        },
+    }
