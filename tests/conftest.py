@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -21,22 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.migrate import migrate
 from postroom.db.session import make_engine, make_sessionmaker
-from postroom.settings import ModelSpec, Settings
+from postroom.settings import Settings
 from postroom.storage import Storage
-from postroom.tenants import create_key
 from postroom_cli.client import Client
-from postroom_cli.local import (
-    free_port,
-    http_ok,
-    postroom_command,
-    reachable,
-    settings_env,
-    spawn,
-    start_moto,
-    stop,
-)
+from postroom_cli.local import free_port, reachable, settings_env, start_moto, stop
 from postroom_cli.standin import StandinServer
-from tests.waiting import wait_until
+from tests.stack import new_key, spawn_api, stack_settings, start_worker, wait_api
 from worker.tiny_model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,34 +101,24 @@ def settings(
     standin: StandinServer,
     broker_key_prefix: str,
 ) -> Settings:
-    base = Settings()
-    tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
-    # "unserved" is in the registry but no worker hosts it: jobs for it must be refused.
-    models = {**base.models, "tiny": tiny, "unserved": tiny}
-    settings = Settings(
-        environment="test",
+    settings = stack_settings(
         database_url=database_url,
         broker_url=broker_url,
-        broker_key_prefix=broker_key_prefix,
-        s3_endpoint_url=s3_endpoint,
+        s3_endpoint=s3_endpoint,
         s3_bucket=f"postroom-test-{secrets.token_hex(3)}",
-        s3_access_key_id="testing",
-        s3_secret_access_key="testing",
+        tiny_model_dir=tiny_model_dir,
+        standin_url=standin.url,
+        # "unserved" is in the registry but no worker hosts it: jobs for it must be refused.
+        aliases=["unserved"],
+        broker_key_prefix=broker_key_prefix,
         shard_size=100,
-        models=models,
-        model="tiny",
         worker_models=["tiny", "minilm"],
-        engine_max_num_seqs=32,
-        worker_heartbeat_seconds=1.0,
-        spill_base_url=standin.url,
-        spill_model="standin",
+        worker_metrics_port=free_port(),
         spill_call_deadline_seconds=3.0,
         spill_backoff_max_seconds=2.0,
         spill_breaker_failures=50,
         gpu_dead_after=5,
-        router_interval_seconds=1.0,
         router_drain_window_seconds=20.0,
-        worker_metrics_port=free_port(),
     )
     Storage(settings).ensure_bucket()
     return settings
@@ -168,59 +146,13 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture(scope="session")
 def api_url(env: dict[str, str], logs_dir: Path) -> Iterator[str]:
     """`postroom api` as compose runs it, on a free port."""
-    port = free_port()
-    log = logs_dir / "api.log"
-    proc = spawn(postroom_command("api", "--port", str(port)), env=env, log=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{url}/readyz"), timeout=60, what="API ready", alive=proc)
-    except (TimeoutError, RuntimeError) as e:
-        stop(proc)
-        pytest.fail(f"{e}\n{_tail(log)}")
+    proc, url = spawn_api(env=env, log=logs_dir / "api.log")
+    wait_api(proc, url, log=logs_dir / "api.log")
     yield url
     stop(proc)
-
-
-def worker_stats(
-    sessions: sessionmaker[Session], name_prefix: str = "gpu@"
-) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from postroom.db.models import Worker
-
-    with sessions() as session:
-        return [
-            {"name": w.name, **w.stats}
-            for w in session.scalars(select(Worker).where(Worker.name.startswith(name_prefix)))
-        ]
-
-
-def start_worker(
-    env: dict[str, str], log: Path, sessions: sessionmaker[Session], *args: str
-) -> subprocess.Popen[bytes]:
-    """`postroom worker …` as compose runs it; returns once its engines are up."""
-    proc = spawn(postroom_command("worker", *args), env=env, log=log)
-
-    def ready() -> bool:
-        return any(
-            s.get("engines") and s["name"].endswith(f":{proc.pid}") for s in worker_stats(sessions)
-        )
-
-    try:
-        wait_until(ready, timeout=240, what="worker engine started", alive=proc)
-    except (TimeoutError, RuntimeError) as e:
-        stop(proc)
-        pytest.fail(f"{e}\n{_tail(log)}")
-    return proc
 
 
 @pytest.fixture(scope="session")
@@ -237,8 +169,7 @@ def worker(
 @pytest.fixture
 def tenant_key(sessions: sessionmaker[Session]) -> str:
     """A fresh tenant with its own key: tests are isolated by tenant, not by rollback."""
-    with sessions.begin() as session:
-        return create_key(session=session, tenant=f"t-{uuid.uuid4().hex[:12]}")
+    return new_key(sessions)
 
 
 @pytest.fixture

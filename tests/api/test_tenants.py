@@ -20,6 +20,7 @@ from postroom.storage import Storage
 from postroom.tenants import create_key, revoke_key
 from postroom_cli.client import Client
 from tests.helpers import LABELS, make_docs
+from tests.stack import label_response_format
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -30,19 +31,7 @@ BATCH_LINE = {
     "body": {
         "model": "tiny",
         "messages": [{"role": "user", "content": "my invoice is wrong"}],
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {
-                "name": "t",
-                "strict": True,
-                "schema": {
-                    "type": "object",
-                    "properties": {"label": {"type": "string", "enum": LABELS}},
-                    "required": ["label"],
-                    "additionalProperties": False,
-                },
-            },
-        },
+        "response_format": label_response_format("t", LABELS),
     },
 }
 

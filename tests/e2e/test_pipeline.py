@@ -18,8 +18,8 @@ from postroom.settings import Settings
 from postroom.storage import Storage
 from postroom_cli.client import Client
 from postroom_cli.local import postroom_command
-from tests.conftest import worker_stats
 from tests.helpers import LABELS, make_docs, write_jsonl
+from tests.stack import worker_stats
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")

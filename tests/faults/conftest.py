@@ -19,13 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from postroom.db.migrate import migrate
 from postroom.db.models import Shard
 from postroom.db.session import make_engine, make_sessionmaker
-from postroom.settings import ModelSpec, Settings
 from postroom.storage import Storage
-from postroom.tenants import create_key
 from postroom_cli.client import Client
-from postroom_cli.local import free_port, http_ok, postroom_command, settings_env, spawn, stop
+from postroom_cli.local import postroom_command, settings_env, stop
 from postroom_cli.standin import StandinServer
 from tests.faults.harness import PrivatePostgres, PrivateRedis, Supervised, TcpProxy
+from tests.stack import new_key, spawn_api, stack_settings, wait_api, worker_ready
 from tests.waiting import wait_until
 
 POISON = "\u2620POISON\u2620"
@@ -45,6 +44,27 @@ SIZES = {"ci": Size(docs=1500, kills=2, s3_outage=8.0), "full": Size(10_000, 3, 
 # one paced by its Retry-After pauses) takes longer than that on a small CPU machine.
 FULL_SIZE_TIMEOUT = 1800
 HERE = Path(__file__).parent
+
+# The fault stack's settings beyond tests/stack.py's, by what they are for.
+# Small shards, few in flight: a kill or an outage always lands in the middle of a job.
+SHARDS = {"shard_size": 50, "worker_concurrency": 4}
+# A dead or paused worker's lease runs out in seconds, and the reaper republishes its shard soon.
+LEASES = {"lease_seconds": 6, "reaper_interval_seconds": 1.0, "republish_grace_seconds": 3.0}
+# A shard that crashes its worker twice (the poison document) is split 8 ways, parts again after
+# one more crash, until the one document fails alone.
+ATTEMPTS = {"max_attempts": 2, "split_max_attempts": 1, "split_fanout": 8}
+# Short timeouts and retry backoff, so S3, Redis and Postgres outages are felt and outlived fast.
+OUTAGES = {
+    "s3_timeout_seconds": 5.0,
+    "database_statement_timeout_ms": 10_000,
+    "retry_backoff_max_seconds": 4,
+}
+# The managed-API scenario: short call deadlines and backoff, a breaker that soon tries again.
+SPILL = {
+    "spill_call_deadline_seconds": 2.0,
+    "spill_backoff_max_seconds": 1.0,
+    "spill_breaker_reset_seconds": 2.0,
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -69,40 +89,23 @@ class FaultStack:
         self.postgres = PrivatePostgres()
         self.proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
         self.standin = standin
-        tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
-        self.settings = Settings(
-            environment="test",
+        self.settings = stack_settings(
             database_url=self.postgres.url,
             broker_url=self.redis.url,
-            s3_endpoint_url=f"http://127.0.0.1:{self.proxy.port}",
+            s3_endpoint=f"http://127.0.0.1:{self.proxy.port}",
             s3_bucket=f"faults-{uuid.uuid4().hex[:6]}",
-            s3_access_key_id="testing",
-            s3_secret_access_key="testing",
-            s3_timeout_seconds=5.0,
-            models={**Settings().models, "tiny": tiny, SPILL_ONLY: tiny},
-            model="tiny",
+            tiny_model_dir=tiny_model_dir,
+            # The managed API is the stand-in; the spill worker runs only in its own scenario.
+            standin_url=standin.url,
+            aliases=[SPILL_ONLY],
             worker_models=["tiny"],
-            shard_size=50,
-            worker_concurrency=4,
-            engine_max_num_seqs=32,
-            lease_seconds=6,
-            worker_heartbeat_seconds=1.0,
-            max_attempts=2,
-            split_max_attempts=1,
-            split_fanout=8,
-            reaper_interval_seconds=1.0,
-            republish_grace_seconds=3.0,
-            retry_backoff_max_seconds=4,
-            database_statement_timeout_ms=10_000,
             fault_poison_marker=POISON,
             worker_metrics_port=0,
-            # The managed API is the stand-in; the spill worker runs only in its own scenario.
-            spill_base_url=standin.url,
-            spill_model="standin",
-            spill_call_deadline_seconds=2.0,
-            spill_backoff_max_seconds=1.0,
-            spill_breaker_reset_seconds=2.0,
-            router_interval_seconds=1.0,
+            **SHARDS,
+            **LEASES,
+            **ATTEMPTS,
+            **OUTAGES,
+            **SPILL,
         )
         self.env = settings_env(self.settings)
         self.procs: list[Any] = []
@@ -115,38 +118,25 @@ class FaultStack:
         self.storage = Storage(self.settings)
         self.engine = make_engine(self.settings)
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
-        port = free_port()
-        self.api_url = f"http://127.0.0.1:{port}"
-        api = spawn(
-            postroom_command("api", "--port", str(port)), env=self.env, log=self.root / "api.log"
-        )
+        api, self.api_url = spawn_api(env=self.env, log=self.root / "api.log")
         self.procs.append(api)
         beat = Supervised(postroom_command("beat"), env=self.env, log=self.root / "beat.log")
         self.procs.append(beat)
         self.worker = Supervised(
             postroom_command("worker"), env=self.env, log=self.root / "worker.log"
         )
-        wait_until(lambda: http_ok(f"{self.api_url}/readyz"), timeout=60, what="fault API")
+        wait_api(api, self.api_url, log=self.root / "api.log")
         self.wait_worker_ready()
-        with self.sessions.begin() as session:
-            self.client = Client(self.api_url, create_key(session=session, tenant="faults"))
+        self.client = Client(self.api_url, new_key(self.sessions, tenant="faults"))
 
     def wait_worker_ready(self, worker: Supervised | None = None) -> None:
         """Until the (restarted) process has registered: with its engines up, for a GPU worker."""
-        from postroom.db.models import Worker
-
         watched = worker or self.worker
-
-        def ready() -> bool:
-            pid = watched.proc.pid
-            with self.sessions() as session:
-                rows = session.execute(select(Worker.name, Worker.route, Worker.stats)).all()
-            return any(
-                name.endswith(f":{pid}") and (route == "spill" or stats.get("engines"))
-                for name, route, stats in rows
-            )
-
-        wait_until(ready, timeout=240, what=f"fault worker {' '.join(watched.args)} ready")
+        wait_until(
+            lambda: worker_ready(self.sessions, watched.proc.pid),
+            timeout=240,
+            what=f"fault worker {' '.join(watched.args)} ready",
+        )
 
     def start_spill_worker(self) -> Supervised:
         """`postroom worker --route spill`, supervised like the GPU worker; stop() it after use."""

@@ -23,25 +23,14 @@ from postroom.settings import Settings
 from postroom.tenants import create_key
 from postroom_cli.client import Client
 from tests.helpers import LABELS, make_docs, wait_for_status
+from tests.stack import label_response_format
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 SYSTEM = "Classify the customer support ticket by its topic."
-SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "ticket",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {"label": {"type": "string", "enum": LABELS}},
-            "required": ["label"],
-            "additionalProperties": False,
-        },
-    },
-}
+SCHEMA = label_response_format("ticket", LABELS)
 
 
 def sdk(api_url: str, key: str) -> OpenAI:
