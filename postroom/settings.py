@@ -25,6 +25,9 @@ class ModelSpec(BaseModel):
     mode: ModelMode
     revision: str = Field(description="pinned version recorded with every result")
     max_model_len: PositiveInt | None = None
+    # GPUs per engine = tensor_parallel_size x data_parallel_size (see postroom/gpus.py).
+    tensor_parallel_size: PositiveInt = 1
+    data_parallel_size: PositiveInt = 1
     engine_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -148,6 +151,12 @@ class Settings(BaseSettings):
     # run alone in its worker, so a crash is pinned on it); parts split again after
     # split_max_attempts crashes, and a single document then fails with reason `poison`.
     split_max_attempts: PositiveInt = 1
+    # -- several GPUs (`postroom worker --gpus`): one supervised worker process per GPU group.
+    # visible_gpus overrides what nvidia-smi / CUDA_VISIBLE_DEVICES say the host has (hosts
+    # without nvidia-smi; the CPU tests of the supervisor). A child that dies is restarted after
+    # a backoff that doubles up to worker_restart_backoff_max_seconds (reset once it ran a minute).
+    visible_gpus: str | None = None
+    worker_restart_backoff_max_seconds: PositiveFloat = 30.0
     split_fanout: int = Field(default=16, ge=2, le=64)
     retry_backoff_max_seconds: PositiveInt = 60
 

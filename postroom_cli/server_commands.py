@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from postroom.settings import DEFAULT_TINY_MODEL_DIR, get_settings
+from postroom.settings import DEFAULT_TINY_MODEL_DIR, Settings, get_settings
 from postroom_cli.terminal import console
 
 model_app = typer.Typer(help="Models that need no download.", no_args_is_help=True)
@@ -47,14 +47,24 @@ def worker(
     route: Annotated[
         str, typer.Option(help="gpu (vLLM engines) or spill (the managed API)")
     ] = "gpu",
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="`all` or GPU indices (0,1): one supervised worker process per GPU, or per "
+            "group of tensor_parallel_size x data_parallel_size GPUs"
+        ),
+    ] = None,
     loglevel: str = "INFO",
 ) -> None:
     """Run a worker: `gpu` hosts one long-lived vLLM engine per served model with many shards in
     flight; `spill` classifies through the managed OpenAI-compatible API (POSTROOM_SPILL_*)."""
+    from postroom.gpus import GpuConfigError
     from worker.main import run_worker
 
     if route not in ("gpu", "spill"):
         raise typer.BadParameter("--route is gpu or spill")
+    if gpus is not None and route != "gpu":
+        raise typer.BadParameter("--gpus is for --route gpu")
     settings = get_settings()
     served = (
         [m.strip() for m in models.split(",") if m.strip()] if models else settings.served_models()
@@ -64,14 +74,42 @@ def worker(
         raise typer.BadParameter(
             f"unknown model aliases {unknown}; known: {sorted(settings.models)}"
         )
-    run_worker(
-        settings,
-        models=served,
-        queues=[q.strip() for q in queues.split(",")] if queues else None,
-        concurrency=concurrency or settings.worker_concurrency,
-        route=route,
-        loglevel=loglevel,
-    )
+    if gpus is not None:
+        args = ["--models", ",".join(served), "--loglevel", loglevel]
+        args += ["--queues", queues] if queues else []
+        args += ["--concurrency", str(concurrency)] if concurrency else []
+        _supervise(settings, gpus, served, args)
+        return
+    try:
+        run_worker(
+            settings,
+            models=served,
+            queues=[q.strip() for q in queues.split(",")] if queues else None,
+            concurrency=concurrency or settings.worker_concurrency,
+            route=route,
+            loglevel=loglevel,
+        )
+    except GpuConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--models") from e
+
+
+def _supervise(settings: Settings, gpus: str, served: list[str], worker_args: list[str]) -> None:
+    from postroom.gpus import GpuConfigError, plan_groups, visible_gpus
+    from postroom.logs import configure_logging
+    from worker.supervisor import Supervisor
+
+    configure_logging("INFO")
+    try:
+        groups = plan_groups(
+            gpus,
+            visible=visible_gpus(settings.visible_gpus),
+            specs={alias: settings.model_spec(alias) for alias in served},
+        )
+    except GpuConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--gpus") from e
+    supervisor = Supervisor(settings, groups, worker_args=worker_args)
+    supervisor.install_signal_handlers()
+    supervisor.run()
 
 
 def beat(loglevel: str = "INFO") -> None:

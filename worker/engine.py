@@ -137,6 +137,10 @@ class EngineAdapter:
             options["kv_cache_memory_bytes"] = self.settings.engine_kv_cache_bytes
         else:
             options["gpu_memory_utilization"] = self.settings.engine_gpu_memory_utilization
+        if self.spec.tensor_parallel_size > 1:
+            options["tensor_parallel_size"] = self.spec.tensor_parallel_size
+        if self.spec.data_parallel_size > 1:
+            options["data_parallel_size"] = self.spec.data_parallel_size
         options.update(self.spec.engine_options)
         return options
 

@@ -6,10 +6,12 @@ import contextlib
 import logging
 from typing import Any
 
+from postroom.gpus import check_fits, visible_gpus
 from postroom.logs import configure_logging
 from postroom.metrics import WorkerCollector, serve_metrics
 from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, make_celery, signals
 from postroom.settings import Settings
+from worker.engine import detect_device
 from worker.runtime import Runtime, get_runtime, set_runtime
 from worker.tasks import register_tasks
 
@@ -58,6 +60,14 @@ def run_worker(
     The threads pool keeps `concurrency` shards in flight over one shared async engine per alias;
     prefork would load one engine per child and cannot host the engine's own child process.
     """
+    if route == "gpu" and not settings.worker_null_classifier:
+        # An alias that needs more GPUs than this process sees is refused before Celery starts
+        # (vLLM's own error comes minutes later, from deep inside an engine process).
+        check_fits(
+            {alias: settings.model_spec(alias) for alias in models},
+            visible=len(visible_gpus(settings.visible_gpus)),
+            device=detect_device(settings.engine_device),
+        )
     # Celery sends worker_init (engine start, metrics server) before its setup_logging signal.
     configure_logging(loglevel)
     app = build_app(settings)

@@ -85,8 +85,8 @@ class Runtime:
         self.admission = Admission()
 
     def start(self) -> None:
-        self.beat()  # register first: the API accepts jobs for these aliases from now on
         hosted = self.route == "gpu" and not self.settings.worker_null_classifier
+        self.beat()  # register first: the API accepts jobs for these aliases from now on
         for alias in self.models if hosted else []:
             spec = self.settings.model_spec(alias)
             if spec.path == DEFAULT_TINY_MODEL_DIR and not Path(spec.path).exists():
