@@ -130,7 +130,10 @@ class Settings(BaseSettings):
     engine_enforce_eager: Literal["auto", "true", "false"] = "auto"
     engine_prefix_caching: bool = True
     engine_dtype: str = "auto"
-    engine_cpu_threads_bind: str = "0-1"
+    # vLLM CPU engine threads, as VLLM_CPU_OMP_THREADS_BIND ("0-2", "all"); None: every core
+    # but one, which the API, S3, Postgres and the worker's own threads need: engine threads
+    # spin, and bound to every core of a busy 2-core box they ran the pipeline 3-4x slower.
+    engine_cpu_threads_bind: str | None = None
     engine_request_timeout_seconds: PositiveFloat = 600.0
     # A shard is tokenised and handed to the engine this many documents at a time, so the engine
     # starts on a shard's first documents while its thread tokenises the rest.

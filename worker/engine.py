@@ -52,8 +52,17 @@ def set_vllm_environment(settings: Settings, device: str) -> None:
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if device == "cpu" and settings.engine_cpu_threads_bind:
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.engine_cpu_threads_bind)
+    if device == "cpu":
+        env.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND", settings.engine_cpu_threads_bind or cpu_threads_bind()
+        )
+
+
+def cpu_threads_bind() -> str:
+    """Every core this process may use but one (the lowest only, on one or two cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    keep = cores[: max(1, len(cores) - 1)]
+    return ",".join(str(core) for core in keep)
 
 
 @dataclass(frozen=True)
