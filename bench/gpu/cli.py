@@ -142,6 +142,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="one process, one AsyncLLM for (b), (c), (d) (quick check on a small machine)",
     )
+    p.add_argument(
+        "--scaling",
+        type=int,
+        default=0,
+        help="N GPUs: one engine vs N independent engines vs one tensor-parallel-N engine\n"
+        "(bench/gpu/scaling.py), instead of the modes",
+    )
     p.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge reports, print the table")
     opts = p.parse_args(argv)
@@ -152,6 +159,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     }
     opts.checkpoint = lambda: None
     return opts
+
+
+def _scaling(opts: argparse.Namespace) -> int:
+    from bench.gpu import scaling
+
+    deadline = time.time() + opts.budget_s
+    Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
+
+    def log(line: str, echo: bool = True) -> None:
+        if echo:
+            print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    results = {
+        shape: scaling.run_scaling(shape, opts, deadline, log) for shape in opts.shapes.split(",")
+    }
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "scaling": results}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(report, indent=2))
+    print(scaling.table(results), flush=True)
+    print(f"JSON: {opts.out}", flush=True)
+    return 0
 
 
 @contextlib.contextmanager
@@ -174,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(report, opts)
         print(table(report))
         return 0
+    if opts.scaling:
+        return _scaling(opts)
     report = run_bench(opts)
     print(table(report), flush=True)
     print(f"JSON: {opts.out}", flush=True)

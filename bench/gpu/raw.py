@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.gpu.config import EngineCfg, engine_kwargs, vllm_env, vllm_version
@@ -81,9 +83,24 @@ class RawEngine:
         }
 
 
+def wait_for_peers(barrier: Path, n: int, timeout: float = 900.0) -> None:
+    """Engines started together time their passes together: say this one is warm, then wait
+    until all `n` are."""
+    (barrier / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(barrier.glob("ready-*"))) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(barrier.glob('ready-*')))} of {n} engines warm")
+        time.sleep(0.1)
+
+
 def child_raw(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("cuda_visible_devices") is not None:  # a scaling run: this engine's GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg["cuda_visible_devices"]
     vllm_env(cfg["device"])
     raw = RawEngine(cfg, EngineCfg(**cfg["engine"]), load_docs(cfg))
+    if cfg.get("barrier_dir"):
+        wait_for_peers(Path(cfg["barrier_dir"]), cfg["barrier_n"])
     passes = [raw.timed(f"LLM.generate rep {rep + 1}") for rep in range(cfg["repeats"])]
     return {
         "engine_start_s": raw.start_s,
