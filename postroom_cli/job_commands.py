@@ -20,7 +20,17 @@ ApiKey = Annotated[str | None, typer.Option("--key", help="API key [POSTROOM_API
 
 
 def _client(api_url: str | None, key: str | None) -> Client:
-    settings = get_settings()
+    """The API client: options, else POSTROOM_API_URL / POSTROOM_API_KEY, else the deployment
+    `postroom up` runs (its URL and key)."""
+    settings = get_settings(resolve_services=False)
+    if not key and "api_key" not in settings.model_fields_set:
+        from postroom_cli.deployment import load
+
+        deployment = load(settings)
+        if deployment and deployment.key:
+            key = deployment.key
+            if "api_url" not in settings.model_fields_set:
+                api_url = api_url or deployment.api_url
     return Client(api_url or settings.api_url, key or settings.api_key.get_secret_value())
 
 
