@@ -95,11 +95,12 @@ def up(
     alias: str,
     route: str = "gpu",
     workers: int = 1,
-    worker_env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
     say: Any = print,
 ) -> tuple[Deployment, list[str]]:
     """Start what is not running of the local deployment, with `workers` workers for `alias` on
-    `route`; returns it and the roles this call started (to stop just those later)."""
+    `route`; returns it and the roles this call started (to stop just those later). `extra_env`
+    goes to the processes this call starts."""
     deployment = load(settings) or Deployment()  # a second `up` reuses what runs
     started: list[str] = []
     deployment.database_url, deployment.broker_url = settings.database_url, settings.broker_url
@@ -115,7 +116,7 @@ def up(
         started.append("s3")
     elif settings.s3_endpoint_url:
         deployment.s3_endpoint = ""
-    env = deployment.env()
+    env = {**deployment.env(), **(extra_env or {})}
     effective = settings.model_copy(update=_settings_update(deployment))
     from postroom.storage import Storage
 
@@ -123,9 +124,7 @@ def up(
     migrate(effective.database_url)
     engine = make_engine(effective)
     try:
-        procs = _start_processes(
-            deployment, settings, env, started, alias, route, workers, worker_env
-        )
+        procs = _start_processes(deployment, settings, env, started, alias, route, workers)
         if not deployment.key:
             with make_sessionmaker(engine).begin() as session:
                 deployment.key = create_key(session=session, tenant=TENANT)
@@ -176,7 +175,6 @@ def _start_processes(
     alias: str,
     route: str,
     workers: int,
-    worker_env: dict[str, str] | None,
 ) -> dict[str, Any]:
     """Start the API, beat and the workers that are not running; the new processes by role."""
     procs: dict[str, Any] = {}
@@ -193,7 +191,7 @@ def _start_processes(
     role = f"{route}:{alias}"
     args = postroom_command("worker", "--models", alias, "--route", route)
     for _ in range(workers - len(deployment.pids.get(role, []))):
-        procs[role] = _start(deployment, role, args, {**env, **(worker_env or {})})
+        procs[role] = _start(deployment, role, args, env)
         if role not in started:
             started.append(role)
     return procs

@@ -191,13 +191,21 @@ def demo(
     gpu_workers: Annotated[
         int, typer.Option(help="GPU workers to start; 0 sends the job to the managed API")
     ] = 1,
+    keep: Annotated[
+        bool, typer.Option(help="leave what the demo started running (`postroom down` stops it)")
+    ] = False,
 ) -> None:
-    """Start what is missing (S3, API, worker), classify the sample, print labels and accuracy."""
+    """Start what is missing (`postroom up`), classify the sample, print labels and accuracy."""
     from postroom_cli.demo import run_demo
     from postroom_cli.evaluate import SAMPLE
 
     raise typer.Exit(
         run_demo(
-            get_settings(), file=file or SAMPLE, model=model, mode=mode, gpu_workers=gpu_workers
+            get_settings(),
+            file=file or SAMPLE,
+            model=model,
+            mode=mode,
+            gpu_workers=gpu_workers,
+            keep=keep,
         )
     )
