@@ -2,15 +2,14 @@
 
 `embedded` starts Postgres / Valkey from their pip wheels under `POSTROOM_LOCAL_DIR`
 (postroom.embedded); `auto` (the default) uses the loopback servers on 5432 / 6379 when they
-answer, else the embedded ones. Each choice is said in one line on stderr. The resolved URLs are
-put in the environment, so child processes (`postroom up`, the demo) use the same servers; the
-servers this process started stop when it exits unless `keep_running()` is called.
+answer, else the embedded ones. Each choice is said in one line on stderr. The servers this
+process started stop when it exits unless `keep_running()` is called; `postroom up` passes the
+resolved URLs to the processes it starts.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
 import sys
 from pathlib import Path
 
@@ -84,6 +83,4 @@ def resolve(settings: Settings) -> Settings:
         update["broker_url"] = _pick(
             "Redis", settings.broker_url, port=6379, local=LOCAL_REDIS, directory=root / "redis"
         )
-    for name, url in update.items():
-        os.environ[f"POSTROOM_{name.upper()}"] = url  # noqa: TID251 - children use the same servers
     return settings.model_copy(update=update)

@@ -75,16 +75,13 @@ def test_valkey_answers_is_reused_and_keeps_its_data(tmp_path: Path) -> None:
 
 
 def test_embedded_urls_resolve_and_say_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("POSTROOM_DATABASE_URL", "embedded")  # resolve() exports the real URLs
-    monkeypatch.setenv("POSTROOM_BROKER_URL", "embedded")
     settings = Settings(database_url="embedded", broker_url="embedded", local_dir=str(tmp_path))
     resolved = local_services.resolve(settings)
     try:
         assert resolved.database_url.startswith("postgresql+psycopg://postgres@127.0.0.1:")
         assert resolved.broker_url.startswith("redis://127.0.0.1:")
-        assert os.environ["POSTROOM_DATABASE_URL"] == resolved.database_url
         err = capsys.readouterr().err
         assert "Postgres: embedded, started" in err
         assert "Redis: embedded, started" in err
@@ -96,11 +93,10 @@ def test_embedded_urls_resolve_and_say_so(
 
 
 def test_auto_prefers_a_local_server_that_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if not answers(6379):
         pytest.fail("Redis is not running on 127.0.0.1:6379 (bin/ensure-services starts it)")
-    monkeypatch.setenv("POSTROOM_BROKER_URL", "auto")
     settings = Settings(broker_url="auto", local_dir=str(tmp_path))
     assert local_services.resolve(settings).broker_url == local_services.LOCAL_REDIS
     assert "Redis: the local server on 127.0.0.1:6379" in capsys.readouterr().err
