@@ -126,7 +126,11 @@ def up(
     and print its URLs and a key; a second `up` reuses what runs. `postroom down` stops it."""
     from postroom_cli.deployment import up as start
 
+    if route not in ("gpu", "spill"):
+        raise typer.BadParameter("--route is gpu or spill")
     settings = get_settings()
+    if model and model not in settings.models:
+        raise typer.BadParameter(f"unknown model alias {model!r}; known: {sorted(settings.models)}")
     deployment, started = start(
         settings, alias=model or settings.model, route=route, say=console.print
     )
