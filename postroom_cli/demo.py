@@ -83,12 +83,13 @@ def run_demo(
     fresh = load(settings) is None
     started: list[str] = []
     try:
-        deployment, started = up(
+        deployment, _ = up(
             settings,
             alias=alias,
             route="gpu" if gpu_workers else "spill",
             workers=max(gpu_workers, 1),
             extra_env=env,
+            started=started,
             say=console.print,
         )
         console.print(

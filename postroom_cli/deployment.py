@@ -96,15 +96,16 @@ def up(
     route: str = "gpu",
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    started: list[str] | None = None,
     say: Any = print,
 ) -> tuple[Deployment, list[str]]:
     """Start what is not running of the local deployment, with `workers` workers for `alias` on
-    `route`; returns it and the roles this call started (to stop just those later). `extra_env`
-    goes to the processes this call starts."""
+    `route`; returns it and the roles this call started (also appended to `started` as they
+    start, so a caller can stop them when this raises). `extra_env` goes to the processes this
+    call starts. Embedded servers this process started are left running only once all is up."""
     deployment = load(settings) or Deployment()  # a second `up` reuses what runs
-    started: list[str] = []
+    started = [] if started is None else started
     deployment.database_url, deployment.broker_url = settings.database_url, settings.broker_url
-    deployment.embedded = sorted({*deployment.embedded, *(s.name for s in keep_running())})
     deployment.logs = str((Path(settings.local_dir) / "logs").resolve())
     Path(deployment.logs).mkdir(parents=True, exist_ok=True)
     if not settings.s3_endpoint_url and "s3" not in deployment.pids:
@@ -152,6 +153,8 @@ def up(
         wait_until(ready, timeout=600, what="worker engine started", alive=procs.get(role))
     finally:
         engine.dispose()
+    deployment.embedded = sorted({*deployment.embedded, *(s.name for s in keep_running())})
+    _save(settings, deployment)
     return deployment, started
 
 
