@@ -60,9 +60,11 @@ $(VENV312)/.installed: pyproject.toml
 	touch $@
 
 # Needs .cache/models/tiny (built by a 3.11 run: `make test` or `postroom model tiny`).
+# DEMO_ENV: settings for the demo only (CI: both service URLs `embedded`).
+DEMO_ENV ?=
 test-312: $(VENV312)/.installed services
 	$(VENV312)/bin/python -m pytest $(FAST)
-	$(VENV312)/bin/postroom demo --gpu-workers 0
+	env $(DEMO_ENV) $(VENV312)/bin/postroom demo --gpu-workers 0
 
 clean:
 	rm -rf $(VENV) $(VENV312) .cache .mypy_cache .ruff_cache .pytest_cache
