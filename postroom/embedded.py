@@ -20,6 +20,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -122,18 +123,28 @@ def _pg_user() -> str | None:
     return PG_USER
 
 
-def _reachable_by(user: str, path: Path) -> None:
-    """Fail with what to do when `user` cannot reach `path` (a checkout under /root, say)."""
+def _can_enter(user: str, path: Path) -> bool:
     entry = pwd.getpwnam(user)
     probe = subprocess.run(
         ["test", "-x", str(path)], user=entry.pw_uid, group=entry.pw_gid, check=False
     )
-    if probe.returncode != 0:
-        raise RuntimeError(
-            f"Postgres runs as the unprivileged user {user!r} (it refuses root), which cannot "
-            f"reach {path}; keep the checkout in a directory others can enter, or "
-            f"`chmod o+x` each directory above it"
-        )
+    return probe.returncode == 0
+
+
+def _make_reachable(user: str, path: Path) -> list[Path]:
+    """Let `user` enter `path` (a checkout under /root, mode 700, say) by adding search permission
+    for others (o+x: enter, not list) to the directories above it that lack it; returns those."""
+    if _can_enter(user, path):
+        return []
+    changed = []
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(mode | stat.S_IXOTH)
+            changed.append(directory)
+    if not _can_enter(user, path):
+        raise RuntimeError(f"the unprivileged user {user!r} cannot enter {path}")
+    return changed
 
 
 def _pg_running_port(data: Path) -> int | None:
@@ -176,8 +187,10 @@ def start_postgres(directory: Path, *, database: str = PG_DATABASE) -> EmbeddedS
     started = port is None
     if port is None:
         if user:
-            _reachable_by(user, Path(_pg_bin("postgres")).parent)
-            _reachable_by(user, directory.parent)
+            opened = _make_reachable(user, Path(_pg_bin("postgres")).parent)
+            opened += _make_reachable(user, directory.parent)
+            if opened:
+                note += f"; gave others search permission (o+x) on {', '.join(map(str, opened))}"
             entry = pwd.getpwnam(user)
             os.chown(directory, entry.pw_uid, entry.pw_gid)
         if not (data / "PG_VERSION").exists():

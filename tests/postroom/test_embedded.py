@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,18 @@ def test_auto_prefers_a_local_server_that_answers(
     assert local_services.resolve(settings).broker_url == local_services.LOCAL_REDIS
     assert "Redis: the local server on 127.0.0.1:6379" in capsys.readouterr().err
     assert not (tmp_path / "redis").exists()
+
+
+def test_a_root_only_parent_is_opened_for_the_postgres_user(tmp_path: Path) -> None:
+    closed = tmp_path / "closed"  # as a checkout under /root (mode 700) is
+    closed.mkdir(mode=0o700)
+    server = start_postgres(closed / "pg")
+    try:
+        assert server.started
+        with psycopg.connect(_plain(server.url)) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        if os.geteuid() == 0:
+            assert closed.stat().st_mode & stat.S_IXOTH
+            assert f"(o+x) on {closed}" in server.note
+    finally:
+        server.stop()
