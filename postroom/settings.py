@@ -56,14 +56,18 @@ class Settings(BaseSettings):
 
     environment: Literal["dev", "test", "prod"] = "dev"
 
-    # -- services
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postroom"
+    # -- services. `auto`: the loopback server (127.0.0.1:5432 / :6379) when it answers, else an
+    #    embedded one (Postgres / Valkey from their pip wheels, data under local_dir); `embedded`:
+    #    always the embedded one (postroom/local_services.py). Production sets real URLs.
+    database_url: str = "auto"
     database_pool_size: PositiveInt = 10
     database_statement_timeout_ms: PositiveInt = 30_000
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = "auto"
     broker_visibility_timeout: PositiveInt = 3600
     # Prefix of every Redis key Celery uses, so deployments (or test runs) can share one Redis.
     broker_key_prefix: str = ""
+    # Where the embedded servers and `postroom up` keep their data, logs and state.
+    local_dir: str = ".cache/local"
     s3_endpoint_url: str = ""
     s3_bucket: str = "postroom"
     s3_region: str = "us-east-1"
@@ -275,6 +279,12 @@ def _package_model_path(package: str) -> str:
 
 
 @functools.cache
-def get_settings() -> Settings:
-    """The process's settings, read from the environment once."""
-    return Settings()
+def get_settings(*, resolve_services: bool = True) -> Settings:
+    """The process's settings, read from the environment once; `auto` / `embedded` service URLs
+    are resolved here (starting embedded servers when needed, postroom/local_services.py) unless
+    `resolve_services` is False (client commands, which talk only to the API)."""
+    if not resolve_services:
+        return Settings()
+    from postroom.local_services import resolve
+
+    return resolve(Settings())

@@ -20,7 +20,17 @@ ApiKey = Annotated[str | None, typer.Option("--key", help="API key [POSTROOM_API
 
 
 def _client(api_url: str | None, key: str | None) -> Client:
-    settings = get_settings()
+    """The API client: options, else POSTROOM_API_URL / POSTROOM_API_KEY, else the deployment
+    `postroom up` runs (its URL and key)."""
+    settings = get_settings(resolve_services=False)
+    if not key and "api_key" not in settings.model_fields_set:
+        from postroom_cli.deployment import load
+
+        deployment = load(settings)
+        if deployment and deployment.key:
+            key = deployment.key
+            if "api_url" not in settings.model_fields_set:
+                api_url = api_url or deployment.api_url
     return Client(api_url or settings.api_url, key or settings.api_key.get_secret_value())
 
 
@@ -181,13 +191,21 @@ def demo(
     gpu_workers: Annotated[
         int, typer.Option(help="GPU workers to start; 0 sends the job to the managed API")
     ] = 1,
+    keep: Annotated[
+        bool, typer.Option(help="leave what the demo started running (`postroom down` stops it)")
+    ] = False,
 ) -> None:
-    """Start what is missing (S3, API, worker), classify the sample, print labels and accuracy."""
+    """Start what is missing (`postroom up`), classify the sample, print labels and accuracy."""
     from postroom_cli.demo import run_demo
     from postroom_cli.evaluate import SAMPLE
 
     raise typer.Exit(
         run_demo(
-            get_settings(), file=file or SAMPLE, model=model, mode=mode, gpu_workers=gpu_workers
+            get_settings(),
+            file=file or SAMPLE,
+            model=model,
+            mode=mode,
+            gpu_workers=gpu_workers,
+            keep=keep,
         )
     )

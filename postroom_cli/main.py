@@ -18,6 +18,8 @@ for name, command in (
     ("worker", server_commands.worker),
     ("beat", server_commands.beat),
     ("flower", server_commands.flower),
+    ("up", server_commands.up),
+    ("down", server_commands.down),
     ("submit", job_commands.submit),
     ("status", job_commands.status),
     ("results", job_commands.results),

