@@ -22,6 +22,7 @@ for name, command in (
     ("status", job_commands.status),
     ("results", job_commands.results),
     ("cancel", job_commands.cancel),
+    ("delete", job_commands.delete),
     ("eval", job_commands.eval_),
     ("demo", job_commands.demo),
 ):

@@ -4,7 +4,6 @@ cancel. Every way in builds one `Submission`, feeds it, records it, commits and 
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from postroom.errors import InvalidInput, PayloadTooLarge
 from postroom.jobs import cancel_job, find_job
 from postroom.keys import body_hash
 from postroom.queue import Celery
+from postroom.result_formats import MEDIA_TYPES, encode_results
 from postroom.results import iter_result_lines
 from postroom.settings import Settings
 from postroom.storage import Storage
@@ -234,7 +234,10 @@ def get_job(
 
 @router.get(
     "/{job_id}/results",
-    responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
+    responses={
+        **ERRORS,
+        200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
+    },
     response_class=StreamingResponse,
 )
 def get_results(
@@ -242,26 +245,33 @@ def get_results(
     request: Request,
     caller: CallerDep,
     session: SessionDep,
+    settings: SettingsDep,
     only: Literal["failed"] | None = None,
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl",
 ) -> StreamingResponse:
-    """One NDJSON line per document: `{id, label, confidence, route, model, error}`."""
-    find_job(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    """The job's results in input order: NDJSON lines `{id, label, confidence, route, model,
+    revision, error, distribution}` (default), or `format=csv|parquet` with the columns id,
+    label, confidence, route, model, revision, error and `prob_<label>` per label. Streamed:
+    Parquet a row group at a time, never the whole job in memory."""
+    job = find_job(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    labels = [label["name"] for label in job.spec["labels"]]
     sessions = request.app.state.sessions
 
-    def lines() -> Iterator[bytes]:
+    def chunks() -> Iterator[bytes]:
         with sessions() as stream_session:
-            batch: list[str] = []
-            for line in iter_result_lines(
+            lines = iter_result_lines(
                 session=stream_session, job_id=job_id, only_failed=only == "failed"
-            ):
-                batch.append(json.dumps(line, ensure_ascii=False))
-                if len(batch) >= 500:
-                    yield ("\n".join(batch) + "\n").encode()
-                    batch.clear()
-            if batch:
-                yield ("\n".join(batch) + "\n").encode()
+            )
+            yield from encode_results(
+                lines, format=format, labels=labels, row_group=settings.results_parquet_row_group
+            )
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    suffix = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}[format]
+    return StreamingResponse(
+        chunks(),
+        media_type=MEDIA_TYPES[format],
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.{suffix}"'},
+    )
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)

@@ -69,6 +69,14 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index(
+            "ix_jobs_unexported",
+            "finished_at",
+            postgresql_where=text(
+                "status = 'completed' AND results_exported_at IS NULL AND deleted_at IS NULL"
+            ),
+        ),
+        Index("ix_jobs_deleted", "deleted_at", postgresql_where=text("deleted_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -94,6 +102,12 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set once results/{job}/results.parquet holds the finished job's results (the reaper
+    # writes it; a crash before this leaves it to be written again).
+    results_exported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when DELETE /v1/jobs/{id} (or retention) began removing the job: from then on it
+    # answers 404, and the purge removes its rows and objects, resuming after a crash.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Shard(Base):
