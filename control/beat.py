@@ -1,5 +1,6 @@
 """`postroom beat`: Celery beat and a one-thread worker on the `control` queue, running the reaper,
-the router and the drop folder's tick (their task names are fixed in postroom.queue)."""
+the router, the purge (deletions, retention) and the drop folder's tick (their task names are
+fixed in postroom.queue)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.inbox import InboxCursor, InboxDeps, run_tick
+from control.purge import purge_tick
 from control.reaper import reap
 from control.router import route_tick
 from postroom.db.session import make_engine, make_sessionmaker
@@ -18,6 +20,7 @@ from postroom.metrics import serve_metrics
 from postroom.queue import (
     QUEUE_CONTROL,
     TASK_INBOX,
+    TASK_PURGE,
     TASK_REAP,
     TASK_ROUTE,
     Celery,
@@ -77,6 +80,21 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
             "schedule": every,
             "options": {"queue": QUEUE_CONTROL, "expires": every * 2},
         },
+    }
+
+    @app.task(name=TASK_PURGE, ignore_result=True)
+    def purge_task() -> dict[str, int]:
+        """Finish deletions and purge jobs past retention; safe twice (see control.purge)."""
+        control = holder["control"]
+        return purge_tick(
+            sessions=control.sessions, storage=control.storage, settings=settings
+        ).__dict__
+
+    purge_every = settings.purge_interval_seconds
+    app.conf.beat_schedule["purge"] = {
+        "task": TASK_PURGE,
+        "schedule": purge_every,
+        "options": {"queue": QUEUE_CONTROL, "expires": purge_every * 2},
     }
     inbox_cursor = InboxCursor()
 

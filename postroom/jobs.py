@@ -95,7 +95,12 @@ def create_job(*, session: Session, new: NewJob) -> Job:
 def find_job(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> Job:
     """The job, if it exists and belongs to the tenant (None = any tenant: workers, admins)."""
     job = session.get(Job, job_id)
-    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+    # A job being deleted is gone already.
+    if (
+        job is None
+        or job.deleted_at is not None
+        or (tenant_id is not None and job.tenant_id != tenant_id)
+    ):
         raise NotFound(f"no job {job_id}; check the id (jobs of other tenants are not visible)")
     return job
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from postroom.domain import DocResult
 from postroom.keys import input_shard_key, result_shard_key
 from postroom.results import result_line, upsert_results
-from postroom.shards import claim_shard, finish_shard
+from postroom.shards import claim_shard, finish_shard, mark_results_written
 from postroom.storage import Storage, encode_jsonl
 from tests.postroom.jobrows import SPEC, make_job
 
@@ -79,4 +79,6 @@ def finished_job(
                 for _, r in results
             ]
             storage.put_bytes(result_shard_key(job_id, shard_no), encode_jsonl(lines))
+        with sessions.begin() as session:
+            mark_results_written(session=session, job_id=job_id, shard_no=shard_no)
     return job_id

@@ -1,5 +1,6 @@
-"""/v1/jobs: create (inline or `input_uri`), upload (streamed JSONL), list, get, results (NDJSON),
-cancel. Every way in builds one `Submission`, feeds it, records it, commits and publishes."""
+"""/v1/jobs: create (inline or `input_uri`), upload (streamed JSONL), list, get, results (JSONL,
+CSV, Parquet), cancel, delete. Every way in builds one `Submission`, feeds it, records it, commits
+and publishes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -24,14 +25,15 @@ from api.responses import error_responses
 from api.schemas import JobCreate, JobList, JobPublic
 from api.uploads import body_source, upload_options
 from postroom.db.models import Job
-from postroom.errors import InvalidInput, PayloadTooLarge
+from postroom.deletion import mark_deleted, purge_job
+from postroom.errors import InvalidInput, PayloadTooLarge, Unavailable
 from postroom.jobs import cancel_job, find_job
 from postroom.keys import body_hash
 from postroom.queue import Celery
 from postroom.result_formats import MEDIA_TYPES, encode_results
 from postroom.results import iter_result_lines
 from postroom.settings import Settings
-from postroom.storage import Storage
+from postroom.storage import Storage, StorageError
 from postroom.submit import JobOptions, Submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -207,7 +209,7 @@ def list_jobs(
     cursor: str | None = None,
 ) -> JobList:
     """The tenant's jobs, newest first."""
-    query = select(Job).where(Job.tenant_id == caller.tenant_id)
+    query = select(Job).where(Job.tenant_id == caller.tenant_id, Job.deleted_at.is_(None))
     if cursor:
         created, job_id = decode_cursor(cursor)
         query = query.where(
@@ -282,3 +284,48 @@ def cancel(
     job = cancel_job(session=session, tenant_id=caller.tenant_id, job_id=job_id)
     session.commit()
     return job_public(session=session, job=job, settings=settings)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    responses={**ERRORS, 202: {"description": "deletion under way: shards were still running"}},
+)
+def delete_job(
+    job_id: uuid.UUID,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """Delete a job: cancel what has not started, then remove its result rows, shards and every
+    S3 object it owns (inputs, results, results.parquet). From now on it answers 404.
+
+    204 when it is gone; 202 when shards were still running: the beat finishes the deletion
+    once they stop. Repeating it resumes a deletion that was cut short."""
+    mark_deleted(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    session.commit()
+    try:
+        report = purge_job(
+            request.app.state.sessions,
+            storage,
+            job_id=job_id,
+            batch_rows=settings.delete_batch_rows,
+        )
+    except StorageError as e:
+        raise Unavailable(
+            f"S3 failed while deleting job {job_id}'s objects ({e}); the job is hidden already "
+            "and the deletion resumes when you repeat the request (or in the beat)"
+        ) from e
+    if report.done:
+        return Response(status_code=204)
+    return JSONResponse(
+        status_code=202,
+        content={
+            "id": str(job_id),
+            "status": "deleting",
+            "message": f"{report.waiting} shard(s) were still running; the beat finishes "
+            "the deletion once they stop",
+        },
+    )

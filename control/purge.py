@@ -1,0 +1,55 @@
+"""The purge, a task of `postroom beat`: finish deletions (DELETE /v1/jobs/{id} that found shards
+still running, or was cut short) and purge finished jobs past their retention, a few jobs per
+tick, each in short transactions (see postroom.deletion). Safe twice: every step deletes what is
+still there, and the job row goes last."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.deletion import jobs_being_deleted, purge_job
+from postroom.retention import mark_expired_jobs
+from postroom.settings import Settings
+from postroom.storage import Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PurgeTick:
+    expired: int = 0
+    purged: int = 0
+    waiting: int = 0
+
+
+def purge_tick(
+    *, sessions: sessionmaker[Session], storage: Storage, settings: Settings
+) -> PurgeTick:
+    tick = PurgeTick()
+    with sessions.begin() as session:
+        tick.expired = mark_expired_jobs(
+            session=session, settings=settings, limit=settings.purge_jobs_per_tick
+        )
+    with sessions() as session:
+        jobs = jobs_being_deleted(session=session, limit=settings.purge_jobs_per_tick)
+    for job_id in jobs:
+        try:
+            report = purge_job(
+                sessions, storage, job_id=job_id, batch_rows=settings.delete_batch_rows
+            )
+        except StorageError as e:
+            logger.warning("purge of job %s left for a later tick: %s", job_id, e)
+            continue
+        tick.purged += report.done
+        tick.waiting += report.waiting > 0
+    if tick.expired or tick.purged:
+        logger.info(
+            "purge: %d jobs past retention, %d jobs deleted, %d waiting for running shards",
+            tick.expired,
+            tick.purged,
+            tick.waiting,
+        )
+    return tick
