@@ -14,6 +14,7 @@ from control.inbox import InboxCursor, InboxDeps, run_tick
 from control.purge import purge_tick
 from control.reaper import reap
 from control.router import route_tick
+from control.webhooks import make_http, send_due
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import configure_logging
 from postroom.metrics import serve_metrics
@@ -23,6 +24,7 @@ from postroom.queue import (
     TASK_PURGE,
     TASK_REAP,
     TASK_ROUTE,
+    TASK_WEBHOOKS,
     Celery,
     make_celery,
     signals,
@@ -41,6 +43,7 @@ class Control:
         self.celery = celery
         self.sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings))
         self.storage = Storage(settings)
+        self.http = make_http(settings)
         self.redis = redis.Redis.from_url(
             settings.broker_url, socket_timeout=10, socket_connect_timeout=10
         )
@@ -95,6 +98,19 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
         "task": TASK_PURGE,
         "schedule": purge_every,
         "options": {"queue": QUEUE_CONTROL, "expires": purge_every * 2},
+    }
+
+    @app.task(name=TASK_WEBHOOKS, ignore_result=True)
+    def webhooks_task() -> dict[str, int]:
+        """Send due webhook deliveries; at least once (see control.webhooks)."""
+        control = holder["control"]
+        return send_due(sessions=control.sessions, settings=settings, http=control.http).__dict__
+
+    hook_every = settings.webhook_interval_seconds
+    app.conf.beat_schedule["webhooks"] = {
+        "task": TASK_WEBHOOKS,
+        "schedule": hook_every,
+        "options": {"queue": QUEUE_CONTROL, "expires": hook_every * 2},
     }
     inbox_cursor = InboxCursor()
 

@@ -21,6 +21,7 @@ from postroom.domain import JOB_ACTIVE, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.shards import add_shards, cancel_unclaimed
+from postroom.webhooks import enqueue_job_event
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class NewJob:
     warnings: Sequence[str] = ()
     max_spill_cost: float | None = None
     estimate: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    expires_after: int | None = None
 
 
 def create_job(*, session: Session, new: NewJob) -> Job:
@@ -62,6 +65,8 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         body_hash=new.body_hash,
         max_spill_cost=new.max_spill_cost,
         estimate=new.estimate,
+        webhook_url=new.webhook_url,
+        expires_after=new.expires_after,
         total_docs=total,
         rejected_docs=len(new.rejected),
         shard_count=len(new.shard_sizes),
@@ -89,6 +94,8 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         ]
         for start in range(0, len(rows), 1000):
             session.execute(insert(Result), rows[start : start + 1000])
+    if not new.shard_sizes:  # nothing to run: completed as it is created
+        enqueue_job_event(session=session, job_id=new.job_id, event="job.completed")
     return job
 
 
@@ -105,8 +112,11 @@ def find_job(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID
     return job
 
 
-def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
-    """Stop what has not started. Running shards finish; finished results stay."""
+def cancel_job(
+    *, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, event: str = "job.cancelled"
+) -> Job:
+    """Stop what has not started. Running shards finish; finished results stay. The webhook
+    `event` (job.cancelled, or job.expired when its time ran out) commits with the change."""
     job = find_job(session=session, tenant_id=tenant_id, job_id=job_id)
     changed = session.execute(
         update(Job)
@@ -116,6 +126,7 @@ def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     ).scalar_one_or_none()
     if changed is not None:
         cancel_unclaimed(session=session, job_id=job_id)
+        enqueue_job_event(session=session, job_id=job_id, event=event)
     session.refresh(job)
     return job
 

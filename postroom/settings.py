@@ -219,6 +219,7 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: PositiveFloat = 10.0
     # A delivery is retried with exponential backoff (capped) until this long after the event.
     webhook_retry_seconds: PositiveInt = 24 * 3600
+    webhook_backoff_base_seconds: PositiveFloat = 5.0
     webhook_backoff_max_seconds: PositiveFloat = 3600.0
     webhook_deliveries_per_tick: PositiveInt = 100
     # Finished jobs older than this many days are purged by the beat (0 = keep forever); a job's

@@ -102,6 +102,18 @@ class Client:
                 size += len(chunk)
         return size
 
+    def webhooks(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.http.get("/v1/webhooks"))
+        return result
+
+    def set_webhook(self, url: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.http.put("/v1/webhooks", json={"url": url}))
+        return result
+
+    def job_webhooks(self, job_id: str) -> list[dict[str, Any]]:
+        result: dict[str, Any] = self._check(self.http.get(f"/v1/jobs/{job_id}/webhooks"))
+        return list(result["data"])
+
     def delete(self, job_id: str) -> str:
         """DELETE /v1/jobs/{id}: what the API says it did."""
         response = self.http.delete(f"/v1/jobs/{job_id}")

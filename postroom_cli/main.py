@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from postroom_cli import admin_commands, job_commands, server_commands
+from postroom_cli import admin_commands, job_commands, server_commands, webhook_commands
 
 app = typer.Typer(help="Postroom: classify documents in bulk.", no_args_is_help=True)
 
@@ -30,3 +30,4 @@ for name, command in (
 app.add_typer(admin_commands.keys_app, name="keys")
 app.add_typer(server_commands.model_app, name="model")
 app.add_typer(admin_commands.inbox_app, name="inbox")
+app.add_typer(webhook_commands.webhooks_app, name="webhooks")

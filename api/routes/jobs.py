@@ -146,6 +146,8 @@ async def upload_job(
     on_invalid: Literal["reject", "skip"] = "reject",
     metadata: Annotated[str | None, Query(description="a JSON object")] = None,
     max_spill_cost: Annotated[float | None, Query(ge=0, description="$ cap on spill")] = None,
+    webhook_url: Annotated[str | None, Query(description="target of the job's events")] = None,
+    expires_after: Annotated[int | None, Query(gt=0, description="purge N s after end")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -167,6 +169,8 @@ async def upload_job(
         on_invalid,
         metadata,
         max_spill_cost,
+        webhook_url,
+        expires_after,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions
