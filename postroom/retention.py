@@ -1,12 +1,13 @@
-"""Retention: which finished jobs are past their time. POSTROOM_RETENTION_DAYS counts from when a
-job finished (0 keeps jobs forever); the beat marks those jobs deleted, a bounded batch per tick,
+"""Retention: which finished jobs are past their time. A job's `expires_after` (seconds), else
+POSTROOM_RETENTION_DAYS (0 keeps jobs forever), counts from when it finished; the beat marks those
+jobs deleted, a bounded batch per tick,
 and purges them through the same path as DELETE /v1/jobs/{id} (postroom.deletion)."""
 
 from __future__ import annotations
 
 import logging
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from postroom.db.models import Job
@@ -19,14 +20,21 @@ logger = logging.getLogger(__name__)
 def expired_jobs_query(*, settings: Settings, limit: int) -> object:
     """Finished, not yet deleted jobs past their retention, oldest first; rows locked with SKIP
     LOCKED so two beats never wait on each other."""
-    past = Job.finished_at < func.now() - text(f"interval '{settings.retention_days} days'")
+    own = and_(
+        Job.expires_after.is_not(None),
+        Job.finished_at < func.now() - Job.expires_after * text("interval '1 second'"),
+    )
+    default = and_(
+        Job.expires_after.is_(None),
+        Job.finished_at < func.now() - text(f"interval '{settings.retention_days} days'"),
+    )
     return (
         select(Job.id)
         .where(
             Job.deleted_at.is_(None),
             Job.finished_at.is_not(None),
             Job.status.not_in(JOB_ACTIVE),
-            past if settings.retention_days > 0 else text("false"),
+            or_(own, default) if settings.retention_days > 0 else own,
         )
         .order_by(Job.finished_at)
         .limit(limit)
