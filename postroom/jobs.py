@@ -78,10 +78,12 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         session=session, job_id=new.job_id, shards=list(enumerate(new.shard_sizes)), queue=new.queue
     )
     if new.rejected:
+        created_at = job.created_at  # the server's now(), read back after the flush
         rows = [
             {
                 "job_id": new.job_id,
                 "doc_id": r.result_id,
+                "job_created_at": created_at,
                 "shard_no": -1,
                 "line": r.line,
                 "error": f"invalid_document: line {r.line}"
@@ -218,10 +220,13 @@ class WorkOrder:
     spec: JobSpec
     status: str
     shard_count: int
+    created_at: datetime  # the partition of the job's result rows
 
 
 def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
     row = session.execute(
-        select(Job.spec, Job.status, Job.shard_count).where(Job.id == job_id)
+        select(Job.spec, Job.status, Job.shard_count, Job.created_at).where(Job.id == job_id)
     ).one()
-    return WorkOrder(JobSpec.model_validate(row.spec), str(row.status), int(row.shard_count))
+    return WorkOrder(
+        JobSpec.model_validate(row.spec), str(row.status), int(row.shard_count), row.created_at
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -48,11 +49,13 @@ def upsert_results(
     model: str,
     revision: str,
     results: Sequence[tuple[int, DocResult]],
+    job_created_at: datetime,
 ) -> None:
-    """Write (line, result) pairs; a rerun rewrites the same rows, never adds new ones."""
+    """Write (line, result) pairs; a rerun rewrites the same rows, never adds new ones.
+    `job_created_at` is the job's created_at: it picks the rows' partition."""
     stmt = insert(Result)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Result.job_id, Result.doc_id],
+        index_elements=[Result.job_id, Result.doc_id, Result.job_created_at],
         set_={
             col: stmt.excluded[col]
             for col in (
@@ -77,6 +80,7 @@ def upsert_results(
         {
             "job_id": job_id,
             "doc_id": r.id,
+            "job_created_at": job_created_at,
             "shard_no": shard_no,
             "line": line,
             "label": r.label,

@@ -164,10 +164,15 @@ class Result(Base):
         ),
         Index("ix_results_job_order", "job_id", "shard_no", "line"),  # a shard's results
         Index("ix_results_job_line", "job_id", "line"),  # a job's results in input order
+        # One partition per UTC day of job creation (postroom.partitions): retention drops a
+        # day's partition instead of deleting its rows.
+        {"postgresql_partition_by": "RANGE (job_created_at)"},
     )
 
     job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     doc_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    # The job's created_at, the partition key (so part of the primary key).
+    job_created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     shard_no: Mapped[int] = mapped_column(Integer)
     line: Mapped[int] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(Text)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.purge import purge_tick
 from postroom.db.models import Job, Result
+from postroom.partitions import existing_partitions
 from postroom.settings import Settings
 from postroom.storage import Storage
 from tests.finished_jobs import finished_job
@@ -66,6 +67,22 @@ def test_only_jobs_past_their_time_are_purged_a_bounded_batch_per_tick(
             select(func.count()).select_from(Result).where(Result.job_id == jobs["recent"])
         ).scalar_one()
     assert kept == 20
+
+    # A whole day past retention goes by dropping its partition
+    old_day = finished_job(
+        sessions, tenant=tenant, docs=50, shard_size=25, storage=storage, created_days_ago=40
+    )
+    _age(sessions, old_day, timedelta(days=39))
+    day = (datetime.now(UTC) - timedelta(days=40)).date()
+    with sessions() as session:
+        assert day in existing_partitions(session.connection())
+    tick = purge_tick(sessions=sessions, storage=storage, settings=keep_week)
+    assert tick.partitions_dropped == 1
+    assert _left(sessions, {"old_day": old_day}) == set()
+    with sessions() as session:
+        assert day not in existing_partitions(session.connection())
+    assert storage.list_page(f"inputs/{old_day}/")[0] == []
+    assert _left(sessions, jobs) == {"recent", "own_not_due", "active_old"}
 
     # With retention off (0 days) only a job's own expires_after counts
     _age(sessions, jobs["recent"], timedelta(days=3650))
