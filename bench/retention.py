@@ -1,0 +1,266 @@
+"""Deleting and purging a 1,000,000-document job while another job is being written: how long
+each takes, and the other job's write throughput meanwhile against its solo figure.
+
+    .venv/bin/python bench/retention.py                   # 1,000,000 docs
+    .venv/bin/python bench/retention.py --docs 200000
+
+Real Postgres (a fresh database, migrated), a moto S3 server. No engine runs: the big jobs are
+filled in SQL (their rows are what deletion works through) with one input and one result object
+per 1,000-document shard; the other job is written as a worker commits, 1,000 results upserted
+and the shard finished per transaction, back to back. Three cases, each timed with the writer
+running: (a) `DELETE /v1/jobs/{id}`'s purge of a job created today (result rows deleted in
+batches of POSTROOM_DELETE_BATCH_ROWS, each its own transaction); (b) retention of a job
+created 40 days ago (its day partition detached CONCURRENTLY and dropped); the writer's solo
+throughput is measured before, between and after. Prints a table and writes
+bench/results/retention.json.
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+from report import bench_parser, parse_bench_args, print_table, write_results
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from control.purge import purge_tick
+from postroom.db.migrate import migrate
+from postroom.db.models import Job
+from postroom.db.session import make_engine, make_sessionmaker
+from postroom.deletion import mark_deleted, purge_job
+from postroom.domain import DocResult
+from postroom.keys import input_shard_key, result_shard_key
+from postroom.partitions import create_partition_sql
+from postroom.results import upsert_results
+from postroom.settings import Settings
+from postroom.shards import add_shards, claim_shard, finish_shard
+from postroom.storage import Storage
+from postroom_cli.local import start_moto
+from tests.postroom.jobrows import make_job
+
+SHARD = 1000
+
+
+def fill_job(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    *,
+    docs: int,
+    days_ago: int,
+    tenant: str | None = None,
+) -> uuid.UUID:
+    """A completed job of `docs` results (and its shards and objects), created `days_ago`."""
+    job_id = make_job(sessions, sizes=(), tenant=tenant or f"big-{secrets.token_hex(4)}")
+    created = datetime.now(UTC) - timedelta(days=days_ago)
+    shards = (docs + SHARD - 1) // SHARD
+    with sessions.begin() as session:
+        session.execute(text(create_partition_sql(created.date())))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(created_at=created, total_docs=docs, shard_count=shards, status="completed")
+        )
+        add_shards(
+            session=session,
+            job_id=job_id,
+            shards=[(n, min(SHARD, docs - n * SHARD)) for n in range(shards)],
+            queue="gpu.bench",
+        )
+        session.execute(
+            text(
+                "UPDATE shards SET state = 'done', finished_at = now() - interval '1 hour', "
+                "results_written_at = now() WHERE job_id = :j"
+            ),
+            {"j": job_id},
+        )
+        session.execute(
+            text(
+                "INSERT INTO results (job_id, doc_id, job_created_at, shard_no, line, label, "
+                "confidence, distribution, route, model, revision, truncated, tokens_in, "
+                "tokens_out, attempt) SELECT :j, 'doc-' || n, :c, n / 1000, n, 'a', 0.9, "
+                "'{\"a\": 0.9, \"b\": 0.1}'::jsonb, 'gpu', 'tiny', 'r', false, 100, 1, 1 "
+                "FROM generate_series(0, :docs - 1) AS n"
+            ),
+            {"j": job_id, "c": created, "docs": docs},
+        )
+        session.execute(
+            update(Job).where(Job.id == job_id).values(finished_at=created + timedelta(hours=1))
+        )
+    with ThreadPoolExecutor(16) as pool:
+        for shard in range(shards):
+            pool.submit(storage.put_bytes, input_shard_key(job_id, shard), b"{}\n")
+            pool.submit(storage.put_bytes, result_shard_key(job_id, shard), b"{}\n")
+    return job_id
+
+
+class Writer:
+    """The other job, written as a worker commits: claim, upsert 1,000 results, finish."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self.rows: list[tuple[float, int]] = []  # (monotonic time, rows committed)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            job_id = make_job(self.sessions, sizes=(SHARD,) * 50, tenant="writer")
+            with self.sessions() as session:
+                created = session.get_one(Job, job_id).created_at
+            for shard in range(50):
+                if self.stop.is_set():
+                    return
+                results = [
+                    (n, DocResult(id=f"w{n}", label="a", confidence=0.7, distribution={"a": 0.7}))
+                    for n in range(shard * SHARD, (shard + 1) * SHARD)
+                ]
+                with self.sessions.begin() as session:
+                    claimed = claim_shard(
+                        session=session,
+                        job_id=job_id,
+                        shard_no=shard,
+                        worker="bench",
+                        lease_seconds=60,
+                        route="gpu",
+                    )
+                    assert claimed is not None
+                    fence = {"job_id": job_id, "shard_no": shard, "attempt": claimed.attempt}
+                    upsert_results(
+                        session=session,
+                        **fence,
+                        route="gpu",
+                        model="tiny",
+                        revision="r",
+                        results=results,
+                        job_created_at=created,
+                    )
+                    finish_shard(session=session, **fence, succeeded=SHARD, failed=0, route="gpu")
+                self.rows.append((time.monotonic(), SHARD))
+
+    def rate(self, start: float, end: float) -> float:
+        done = sum(n for t, n in self.rows if start <= t <= end)
+        return done / (end - start)
+
+
+def timed(writer: Writer, action: Callable[[], object]) -> tuple[float, float]:
+    """Seconds the action took and the writer's rows/s meanwhile."""
+    start = time.monotonic()
+    action()
+    end = time.monotonic()
+    return end - start, writer.rate(start, end)
+
+
+def solo(writer: Writer, seconds: float) -> float:
+    start = time.monotonic()
+    writer.stop.wait(seconds)
+    return writer.rate(start, time.monotonic())
+
+
+def main() -> None:
+    parser = bench_parser(__doc__ or "")
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--solo-seconds", type=float, default=20.0)
+    args = parse_bench_args(parser, "retention")
+    name = f"postroom_bench_retention_{secrets.token_hex(3)}"
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    migrate(url)
+    server, endpoint = start_moto()
+    settings = Settings(
+        database_url=url,
+        s3_endpoint_url=endpoint,
+        s3_bucket="bench-retention",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        retention_days=30,
+    )
+    storage = Storage(settings)
+    storage.ensure_bucket()
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    try:
+        t0 = time.monotonic()
+        today = fill_job(sessions, storage, docs=args.docs, days_ago=0)
+        old = fill_job(sessions, storage, docs=args.docs, days_ago=40)
+        fill = time.monotonic() - t0
+        print(f"filled 2 jobs of {args.docs:,} results in {fill:.0f}s")
+        writer = Writer(sessions)
+        writer.thread.start()
+        solos = [solo(writer, args.solo_seconds)]
+
+        def delete_today() -> None:
+            with sessions.begin() as session:
+                mark_deleted(session=session, tenant_id=None, job_id=today)
+            report = purge_job(
+                sessions, storage, job_id=today, batch_rows=settings.delete_batch_rows
+            )
+            assert report.done, report
+            assert report.rows == args.docs, report
+
+        delete_secs, delete_rate = timed(writer, delete_today)
+        solos.append(solo(writer, args.solo_seconds))
+
+        def purge_old() -> None:
+            tick = purge_tick(sessions=sessions, storage=storage, settings=settings)
+            assert tick.partitions_dropped == 1, tick
+            assert tick.purged >= 1, tick
+
+        purge_secs, purge_rate = timed(writer, purge_old)
+        solos.append(solo(writer, args.solo_seconds))
+        writer.stop.set()
+        writer.thread.join(60)
+        with sessions() as session:
+            left = session.execute(
+                text("SELECT count(*) FROM jobs WHERE id IN (:a, :b)"), {"a": today, "b": old}
+            ).scalar_one()
+        assert left == 0
+    finally:
+        engine.dispose()
+        server.stop()
+        with psycopg.connect(
+            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    base = statistics.mean(solos)
+    rows = [
+        ("DELETE (rows in batches)", delete_secs, delete_rate),
+        ("retention (day partition dropped)", purge_secs, purge_rate),
+    ]
+    print_table(
+        f"{'case':<36} {'time':>8} {'other job rows/s':>17} {'vs solo':>8}",
+        [
+            f"{case:<36} {secs:>7.1f}s {rate:>17,.0f} {rate / base:>8.2f}"
+            for case, secs, rate in rows
+        ]
+        + [
+            f"{'solo (before, between, after)':<36} {'':>8} {base:>17,.0f} "
+            f"{' / '.join(f'{s:,.0f}' for s in solos)}"
+        ],
+    )
+    write_results(
+        args.out,
+        {
+            "docs": args.docs,
+            "solo_rows_per_second": solos,
+            "cases": [
+                {
+                    "case": case,
+                    "seconds": round(secs, 2),
+                    "other_rows_per_second": round(rate),
+                    "vs_solo": round(rate / base, 3),
+                }
+                for case, secs, rate in rows
+            ],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
