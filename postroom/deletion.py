@@ -43,16 +43,17 @@ class PurgeReport:
     rows: int = 0
 
 
-def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> None:
+def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> int:
     """Start deleting a job: stamp `deleted_at` (once) and cancel it if it is still active.
+    Returns the job's document count.
 
     A job already being deleted is found again, so a repeated DELETE resumes the purge.
 
     Raises:
         NotFound: no such job for this tenant (or it is gone already).
     """
-    owner = session.execute(select(Job.tenant_id).where(Job.id == job_id)).scalar_one_or_none()
-    if owner is None or (tenant_id is not None and owner != tenant_id):
+    row = session.execute(select(Job.tenant_id, Job.total_docs).where(Job.id == job_id)).first()
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"no job {job_id}; check the id (jobs of other tenants are not visible)")
     session.execute(
         update(Job).where(Job.id == job_id, Job.deleted_at.is_(None)).values(deleted_at=func.now())
@@ -66,6 +67,7 @@ def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.
     if cancelled is not None:
         cancel_unclaimed(session=session, job_id=job_id)
     logger.info("job %s marked for deletion", job_id)
+    return int(row.total_docs)
 
 
 def shards_in_flight(*, session: Session, job_id: uuid.UUID) -> int:

@@ -38,6 +38,9 @@ from postroom.submit import JobOptions, Submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = error_responses(401, 404, 408, 409, 413, 415, 422, 503)
+# DELETE purges inline up to this many row batches (POSTROOM_DELETE_BATCH_ROWS each); a bigger
+# job answers 202 and the beat's purge removes it, so the request stays short.
+INLINE_DELETE_BATCHES = 20
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", max_length=200, description="dedupe key")
 ]
@@ -306,10 +309,13 @@ def delete_job(
     """Delete a job: cancel what has not started, then remove its result rows, shards and every
     S3 object it owns (inputs, results, results.parquet). From now on it answers 404.
 
-    204 when it is gone; 202 when shards were still running: the beat finishes the deletion
-    once they stop. Repeating it resumes a deletion that was cut short."""
-    mark_deleted(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    204 when it is gone; 202 when shards were still running, or the job is large (over 20
+    batches of POSTROOM_DELETE_BATCH_ROWS): the beat's purge finishes it. Repeating it resumes a
+    deletion that was cut short."""
+    docs = mark_deleted(session=session, tenant_id=caller.tenant_id, job_id=job_id)
     session.commit()
+    if docs > INLINE_DELETE_BATCHES * settings.delete_batch_rows:
+        return _deleting(job_id, "it is large: the beat's purge removes it in the background")
     try:
         report = purge_job(
             request.app.state.sessions,
@@ -324,12 +330,17 @@ def delete_job(
         ) from e
     if report.done:
         return Response(status_code=204)
+    return _deleting(
+        job_id, f"{report.waiting} shard(s) were still running; the beat finishes once they stop"
+    )
+
+
+def _deleting(job_id: uuid.UUID, why: str) -> JSONResponse:
     return JSONResponse(
         status_code=202,
         content={
             "id": str(job_id),
             "status": "deleting",
-            "message": f"{report.waiting} shard(s) were still running; the beat finishes "
-            "the deletion once they stop",
+            "message": f"job {job_id} is hidden; {why}",
         },
     )
