@@ -81,16 +81,19 @@ def fill_job(
             ),
             {"j": job_id},
         )
-        session.execute(
-            text(
-                "INSERT INTO results (job_id, doc_id, job_created_at, shard_no, line, label, "
-                "confidence, distribution, route, model, revision, truncated, tokens_in, "
-                "tokens_out, attempt) SELECT :j, 'doc-' || n, :c, n / 1000, n, 'a', 0.9, "
-                "'{\"a\": 0.9, \"b\": 0.1}'::jsonb, 'gpu', 'tiny', 'r', false, 100, 1, 1 "
-                "FROM generate_series(0, :docs - 1) AS n"
-            ),
-            {"j": job_id, "c": created, "docs": docs},
-        )
+    for start in range(0, docs, 100_000):  # statements well under the statement timeout
+        with sessions.begin() as session:
+            session.execute(
+                text(
+                    "INSERT INTO results (job_id, doc_id, job_created_at, shard_no, line, label, "
+                    "confidence, distribution, route, model, revision, truncated, tokens_in, "
+                    "tokens_out, attempt) SELECT :j, 'doc-' || n, :c, n / 1000, n, 'a', 0.9, "
+                    "'{\"a\": 0.9, \"b\": 0.1}'::jsonb, 'gpu', 'tiny', 'r', false, 100, 1, 1 "
+                    "FROM generate_series(:lo, :hi - 1) AS n"
+                ),
+                {"j": job_id, "c": created, "lo": start, "hi": min(docs, start + 100_000)},
+            )
+    with sessions.begin() as session:
         session.execute(
             update(Job).where(Job.id == job_id).values(finished_at=created + timedelta(hours=1))
         )
@@ -180,6 +183,7 @@ def main() -> None:
         s3_access_key_id="testing",
         s3_secret_access_key="testing",
         retention_days=30,
+        database_statement_timeout_ms=300_000,
     )
     storage = Storage(settings)
     storage.ensure_bucket()

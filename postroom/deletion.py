@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -104,18 +104,23 @@ def delete_objects(storage: Storage, job_id: uuid.UUID) -> int:
     return deleted
 
 
-def delete_result_rows(*, sessions: sessionmaker[Session], job_id: uuid.UUID, batch: int) -> int:
+def delete_result_rows(
+    *, sessions: sessionmaker[Session], job_id: uuid.UUID, created_at: datetime, batch: int
+) -> int:
     """Delete the job's result rows `batch` at a time, each batch in its own short transaction,
-    so no lock is held for long and other jobs' writers never wait behind a big delete."""
+    so no lock is held for long and other jobs' writers never wait behind a big delete. The
+    job's creation time names its partition, so only that one is touched (and ctid, unique
+    only within a partition, is safe)."""
     total = 0
     while True:
         with sessions.begin() as session:
             deleted: int = session.execute(
                 text(
-                    "DELETE FROM results WHERE job_id = :job_id AND ctid = ANY(ARRAY("
-                    "SELECT ctid FROM results WHERE job_id = :job_id LIMIT :batch))"
+                    "DELETE FROM results WHERE job_id = :job_id AND job_created_at = :created "
+                    "AND ctid = ANY(ARRAY(SELECT ctid FROM results WHERE job_id = :job_id "
+                    "AND job_created_at = :created LIMIT :batch))"
                 ),
-                {"job_id": job_id, "batch": batch},
+                {"job_id": job_id, "created": created_at, "batch": batch},
             ).rowcount  # type: ignore[attr-defined]
         total += deleted
         if deleted < batch:
@@ -132,17 +137,19 @@ def purge_job(
     """
     report = PurgeReport()
     with sessions() as session:
-        marked = session.execute(
-            select(Job.id).where(Job.id == job_id, Job.deleted_at.is_not(None))
+        created_at = session.execute(
+            select(Job.created_at).where(Job.id == job_id, Job.deleted_at.is_not(None))
         ).scalar_one_or_none()
-        if marked is None:
+        if created_at is None:
             report.done = session.get(Job, job_id) is None
             return report
         report.waiting = shards_in_flight(session=session, job_id=job_id)
     if report.waiting:
         return report
     report.objects = delete_objects(storage, job_id)
-    report.rows = delete_result_rows(sessions=sessions, job_id=job_id, batch=batch_rows)
+    report.rows = delete_result_rows(
+        sessions=sessions, job_id=job_id, created_at=created_at, batch=batch_rows
+    )
     with sessions.begin() as session:
         session.execute(delete(Shard).where(Shard.job_id == job_id))
         session.execute(
