@@ -22,7 +22,10 @@ def split_target(url: str, *, allow_private: bool) -> tuple[str, str, int]:
     """(scheme, host, port) of an allowed-looking URL, before any resolution."""
     if len(url) > MAX_URL_LENGTH:
         raise TargetRefused(f"is over {MAX_URL_LENGTH} characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise TargetRefused(f"is not a URL ({e})") from e
     schemes = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in schemes:
         raise TargetRefused(
@@ -48,7 +51,7 @@ def resolve_target(url: str, *, allow_private: bool) -> list[Address]:
     _, host, port = split_target(url, allow_private=allow_private)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
+    except (OSError, UnicodeError, ValueError) as e:  # gaierror is an OSError
         raise TargetRefused(f"host {host!r} does not resolve ({e})") from e
     addresses: list[Address] = []
     for info in infos:
