@@ -49,7 +49,11 @@ def purge_tick(
     for job_id in jobs:
         try:
             report = purge_job(
-                sessions, storage, job_id=job_id, batch_rows=settings.delete_batch_rows
+                sessions,
+                storage,
+                job_id=job_id,
+                batch_rows=settings.delete_batch_rows,
+                inbox_prefix=settings.inbox_prefix,
             )
         except StorageError as e:
             logger.warning("purge of job %s left for a later tick: %s", job_id, e)

@@ -19,10 +19,22 @@ from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.batch_models import File
+from postroom.db.inbox_models import InboxObject
 from postroom.db.models import Job, Shard
 from postroom.domain import JOB_ACTIVE, JobStatus, ShardState
 from postroom.errors import NotFound
-from postroom.keys import error_file_id, file_key, job_prefixes, output_file_id
+from postroom.keys import (
+    done_key,
+    error_file_id,
+    failed_key,
+    failed_reason_key,
+    file_key,
+    job_prefixes,
+    outbox_errors_key,
+    outbox_parquet_key,
+    outbox_results_key,
+    output_file_id,
+)
 from postroom.shards import cancel_unclaimed
 from postroom.storage import Storage
 
@@ -104,6 +116,37 @@ def delete_objects(storage: Storage, job_id: uuid.UUID) -> int:
     return deleted
 
 
+def drop_folder_outputs(
+    *, session: Session, job_id: uuid.UUID, inbox_prefix: str
+) -> list[tuple[str, str]]:
+    """(bucket, key) of what the drop folder wrote for this job: its outbox results (JSONL or
+    Parquet) and errors, and the input moved to done/ or failed/ (with the reason). Left out when
+    a later version of the same file was dropped since: those keys are now its outputs."""
+    rows = session.scalars(select(InboxObject).where(InboxObject.job_id == job_id)).all()
+    found = []
+    for row in rows:
+        later = session.execute(
+            select(InboxObject.id).where(
+                InboxObject.bucket == row.bucket,
+                InboxObject.key == row.key,
+                InboxObject.seen_at > row.seen_at,
+            )
+        ).first()
+        if later is not None:
+            continue
+        args = (inbox_prefix, row.folder, row.file)
+        for key in (
+            outbox_results_key(*args),
+            outbox_parquet_key(*args),
+            outbox_errors_key(*args),
+            done_key(*args),
+            failed_key(*args),
+            failed_reason_key(*args),
+        ):
+            found.append((row.bucket, key))
+    return found
+
+
 def delete_result_rows(
     *, sessions: sessionmaker[Session], job_id: uuid.UUID, created_at: datetime, batch: int
 ) -> int:
@@ -128,9 +171,15 @@ def delete_result_rows(
 
 
 def purge_job(
-    sessions: sessionmaker[Session], storage: Storage, *, job_id: uuid.UUID, batch_rows: int
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    *,
+    job_id: uuid.UUID,
+    batch_rows: int,
+    inbox_prefix: str = "",
 ) -> PurgeReport:
-    """Remove a job marked deleted: objects, result rows, shards, its batch's files, the job.
+    """Remove a job marked deleted: objects (the drop folder's outputs and input too, under
+    `inbox_prefix`), result rows, shards, its batch's files, its inbox row, the job.
 
     Raises:
         StorageError: S3 failed; nothing is lost, a later purge carries on.
@@ -144,9 +193,13 @@ def purge_job(
             report.done = session.get(Job, job_id) is None
             return report
         report.waiting = shards_in_flight(session=session, job_id=job_id)
+        dropped = drop_folder_outputs(session=session, job_id=job_id, inbox_prefix=inbox_prefix)
     if report.waiting:
         return report
     report.objects = delete_objects(storage, job_id)
+    for bucket, key in dropped:
+        storage.delete(key, bucket=bucket)
+    report.objects += len(dropped)
     report.rows = delete_result_rows(
         sessions=sessions, job_id=job_id, created_at=created_at, batch=batch_rows
     )
@@ -155,6 +208,7 @@ def purge_job(
         session.execute(
             delete(File).where(File.id.in_([output_file_id(job_id), error_file_id(job_id)]))
         )
+        session.execute(delete(InboxObject).where(InboxObject.job_id == job_id))
         # The batch row of an OpenAI batch, webhook rows and the rest go with the job (cascade).
         session.execute(delete(Job).where(Job.id == job_id))
     report.done = True

@@ -322,6 +322,7 @@ def delete_job(
             storage,
             job_id=job_id,
             batch_rows=settings.delete_batch_rows,
+            inbox_prefix=settings.inbox_prefix,
         )
     except StorageError as e:
         raise Unavailable(

@@ -12,10 +12,17 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.purge import purge_tick
+from postroom.db.inbox_models import InboxObject
 from postroom.db.models import Job, Result, Shard
 from postroom.deletion import mark_deleted
 from postroom.exports import export_job_parquet
-from postroom.keys import job_prefixes, results_parquet_key
+from postroom.keys import (
+    done_key,
+    job_prefixes,
+    outbox_errors_key,
+    outbox_results_key,
+    results_parquet_key,
+)
 from postroom.settings import Settings
 from postroom.shards import claim_shard, finish_shard, mark_results_written
 from postroom.storage import Storage
@@ -154,3 +161,39 @@ def test_an_unknown_or_foreign_job_answers_404(
     with sessions.begin() as session:  # the owner's job is untouched
         assert session.get_one(Job, job_id).deleted_at is None
         session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
+
+
+def test_a_drop_folder_job_takes_its_outbox_files_and_input_with_it(
+    api_url: str, sessions: sessionmaker[Session], storage: Storage
+) -> None:
+    tenant = f"del-{uuid.uuid4().hex[:8]}"
+    client = Client(api_url, new_key(sessions, tenant=tenant))
+    job_id = finished_job(sessions, tenant=tenant, docs=10, shard_size=10, storage=storage)
+    folder, file = f"tix-{job_id.hex[:6]}", "march.jsonl"
+    with sessions.begin() as session:
+        session.add(
+            InboxObject(
+                id=uuid.uuid4(),
+                bucket=storage.bucket,
+                key=f"inbox/{folder}/{file}",
+                etag="e1",
+                size=10,
+                folder=folder,
+                file=file,
+                state="done",
+                job_id=job_id,
+            )
+        )
+    written = [
+        outbox_results_key("", folder, file),
+        outbox_errors_key("", folder, file),
+        done_key("", folder, file),
+    ]
+    for key in written:
+        storage.put_bytes(key, b"{}\n")
+    assert client.http.delete(f"/v1/jobs/{job_id}").status_code == 204
+    for key in written:
+        assert storage.list_page(key)[0] == [], key
+    with sessions() as session:
+        left = session.execute(select(InboxObject).where(InboxObject.folder == folder)).first()
+    assert left is None
