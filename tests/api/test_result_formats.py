@@ -15,7 +15,7 @@ import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.inbox import InboxDeps
@@ -23,6 +23,7 @@ from control.inbox.objects import UnusableObject, parse_job_file
 from control.inbox.outputs import upload_parquet
 from postroom.db.models import Job
 from postroom.exports import export_job_parquet, unexported_jobs
+from postroom.intake import Rejected
 from postroom.keys import outbox_parquet_key, results_parquet_key
 from postroom.result_formats import result_columns
 from postroom.settings import Settings
@@ -30,6 +31,7 @@ from postroom.storage import Storage
 from postroom_cli.client import ApiError, Client
 from postroom_cli.local import postroom_command
 from tests.finished_jobs import LABELS, finished_job
+from tests.postroom.jobrows import make_job
 from tests.stack import new_key
 
 DOCS = 100_000
@@ -155,3 +157,17 @@ def test_the_drop_folder_asks_for_parquet_in_job_json(
     frame = pd.read_parquet(path)
     assert list(frame.columns) == COLUMNS
     assert frame["id"].tolist() == [f"doc-{n}" for n in range(300)]
+
+
+def test_lines_skipped_at_submission_are_failed_rows_in_every_format(
+    sessions: sessionmaker[Session], api_url: str
+) -> None:
+    tenant = f"skip-{uuid.uuid4().hex[:8]}"
+    client = Client(api_url, new_key(sessions, tenant=tenant))
+    bad = Rejected(line=2, id=None, field="text", reason="empty", result_id="line-2")
+    job_id = make_job(sessions, sizes=(3,), rejected=(bad,), tenant=tenant)
+    rows = list(client.results(str(job_id), format="csv"))
+    assert rows[0] == ",".join(COLUMNS)
+    assert rows[1] == 'line-2,,,,tiny,tiny-seed0,"invalid_document: line 2, field text: empty",,'
+    with sessions.begin() as session:  # nothing left running for later tests
+        session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
