@@ -51,11 +51,15 @@ def stream(stack: Stack, job_id: str, fmt: str) -> dict[str, float]:
     seconds = time.monotonic() - t0
     stop.set()
     sampler.join()
+    samples = samples or [before]
+    quarter = max(1, len(samples) // 4)
     return {
         "seconds": round(seconds, 2),
         "mb": round(size / 1e6, 1),
         "rss_mb_before": round(before / 1024, 1),
-        "rss_mb_max": round(max(samples or [before]) / 1024, 1),
+        "rss_mb_first_quarter_max": round(max(samples[:quarter]) / 1024, 1),
+        "rss_mb_last_quarter_max": round(max(samples[-quarter:]) / 1024, 1),
+        "rss_mb_max": round(max(samples) / 1024, 1),
     }
 
 
@@ -77,11 +81,12 @@ def main() -> None:
         runs = {fmt: stream(stack, job_id, fmt) for fmt in ("jsonl", "csv", "parquet")}
     print_table(
         f"{'format':<8} {'docs':>10} {'seconds':>8} {'docs/s':>9} {'MB':>8} "
-        f"{'RSS before':>11} {'RSS max':>9}",
+        f"{'RSS before':>11} {'1st-quarter max':>16} {'last-quarter max':>17}",
         (
             f"{fmt:<8} {args.docs:>10,} {run['seconds']:>8.1f} "
             f"{args.docs / run['seconds']:>9,.0f} {run['mb']:>8.1f} "
-            f"{run['rss_mb_before']:>9.0f}MB {run['rss_mb_max']:>7.0f}MB"
+            f"{run['rss_mb_before']:>9.0f}MB {run['rss_mb_first_quarter_max']:>14.0f}MB "
+            f"{run['rss_mb_last_quarter_max']:>15.0f}MB"
             for fmt, run in runs.items()
         ),
     )
