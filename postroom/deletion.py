@@ -11,6 +11,7 @@ worker would otherwise write an object after the listing.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -151,11 +152,13 @@ def delete_result_rows(
     *, sessions: sessionmaker[Session], job_id: uuid.UUID, created_at: datetime, batch: int
 ) -> int:
     """Delete the job's result rows `batch` at a time, each batch in its own short transaction,
-    so no lock is held for long and other jobs' writers never wait behind a big delete. The
+    so no lock is held for long and other jobs' writers never wait behind a big delete, resting
+    between batches as long as each took. The
     job's creation time names its partition, so only that one is touched (and ctid, unique
     only within a partition, is safe)."""
     total = 0
     while True:
+        started = time.monotonic()
         with sessions.begin() as session:
             deleted: int = session.execute(
                 text(
@@ -168,6 +171,9 @@ def delete_result_rows(
         total += deleted
         if deleted < batch:
             return total
+        # Rest as long as the batch took (a 50 % duty cycle), so the purge of a big job leaves
+        # Postgres to the jobs being written; deleting is never urgent.
+        time.sleep(time.monotonic() - started)
 
 
 def purge_job(
