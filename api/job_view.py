@@ -52,4 +52,6 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         spend=spend(settings, spend_by_route(session=session, job_id=job.id)),
         router_note=job.router_note,
         results_url=f"/v1/jobs/{job.id}/results",
+        webhook_url=job.webhook_url,
+        expires_after=job.expires_after,
     )

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
 from api.openai import routes as openai_routes
-from api.routes import admin, jobs, ops, status
+from api.routes import admin, jobs, ops, status, webhooks
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.errors import InvalidInput, PayloadTooLarge, PostroomError, RequestTimeout
 from postroom.jsonsafe import show
@@ -262,6 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(status.router)
+    app.include_router(webhooks.router)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
     install_error_handlers(app)

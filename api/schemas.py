@@ -55,6 +55,8 @@ class JobPublic(BaseModel):
     )
     router_note: str | None = None
     results_url: str
+    webhook_url: str | None = None
+    expires_after: int | None = None
 
 
 class JobList(BaseModel):

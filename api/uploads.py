@@ -31,6 +31,8 @@ def upload_options(
     on_invalid: str,
     metadata: str | None,
     max_spill_cost: float | None,
+    webhook_url: str | None = None,
+    expires_after: int | None = None,
 ) -> JobOptions:
     raw: dict[str, Any] = {
         "labels": json_or_csv(labels, "labels"),
@@ -41,6 +43,8 @@ def upload_options(
         "spill": spill,
         "on_invalid": on_invalid,
         "max_spill_cost": max_spill_cost,
+        "webhook_url": webhook_url,
+        "expires_after": expires_after,
     }
     if deadline is not None:
         raw["deadline"] = float(deadline) if is_number(deadline) else deadline

@@ -1,5 +1,6 @@
 """`postroom beat`: Celery beat and a one-thread worker on the `control` queue, running the reaper,
-the router and the drop folder's tick (their task names are fixed in postroom.queue)."""
+the router, the purge (deletions, retention) and the drop folder's tick (their task names are
+fixed in postroom.queue)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.inbox import InboxCursor, InboxDeps, run_tick
+from control.purge import purge_tick
 from control.reaper import reap
 from control.router import route_tick
+from control.webhooks import make_http, send_due
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import configure_logging
 from postroom.metrics import serve_metrics
 from postroom.queue import (
     QUEUE_CONTROL,
     TASK_INBOX,
+    TASK_PURGE,
     TASK_REAP,
     TASK_ROUTE,
+    TASK_WEBHOOKS,
     Celery,
     make_celery,
     signals,
@@ -38,6 +43,7 @@ class Control:
         self.celery = celery
         self.sessions: sessionmaker[Session] = make_sessionmaker(make_engine(settings))
         self.storage = Storage(settings)
+        self.http = make_http(settings)
         self.redis = redis.Redis.from_url(
             settings.broker_url, socket_timeout=10, socket_connect_timeout=10
         )
@@ -77,6 +83,34 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
             "schedule": every,
             "options": {"queue": QUEUE_CONTROL, "expires": every * 2},
         },
+    }
+
+    @app.task(name=TASK_PURGE, ignore_result=True)
+    def purge_task() -> dict[str, int]:
+        """Finish deletions and purge jobs past retention; safe twice (see control.purge)."""
+        control = holder["control"]
+        return purge_tick(
+            sessions=control.sessions, storage=control.storage, settings=settings
+        ).__dict__
+
+    purge_every = settings.purge_interval_seconds
+    app.conf.beat_schedule["purge"] = {
+        "task": TASK_PURGE,
+        "schedule": purge_every,
+        "options": {"queue": QUEUE_CONTROL, "expires": purge_every * 2},
+    }
+
+    @app.task(name=TASK_WEBHOOKS, ignore_result=True)
+    def webhooks_task() -> dict[str, int]:
+        """Send due webhook deliveries; at least once (see control.webhooks)."""
+        control = holder["control"]
+        return send_due(sessions=control.sessions, settings=settings, http=control.http).__dict__
+
+    hook_every = settings.webhook_interval_seconds
+    app.conf.beat_schedule["webhooks"] = {
+        "task": TASK_WEBHOOKS,
+        "schedule": hook_every,
+        "options": {"queue": QUEUE_CONTROL, "expires": hook_every * 2},
     }
     inbox_cursor = InboxCursor()
 

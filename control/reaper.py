@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.backlog import claimable_queues, shards_to_republish, unwritten_result_shards
+from postroom.exports import export_finished_jobs
 from postroom.jobs import work_order
 from postroom.keys import result_shard_key
 from postroom.metrics import REAPER_ACTIONS
@@ -35,6 +36,7 @@ class ReapReport:
     republished: int = 0
     idle_queues: int = 0
     rewritten: int = 0
+    exported: int = 0
 
 
 def rewrite_missing_results(
@@ -70,6 +72,9 @@ def reap(
     try:
         report.rewritten = rewrite_missing_results(
             sessions=sessions, storage=storage, grace_seconds=settings.republish_grace_seconds
+        )
+        report.exported = export_finished_jobs(
+            sessions=sessions, storage=storage, settings=settings
         )
     except StorageError as e:
         logger.warning("reaper cannot write result objects yet: %s", e)

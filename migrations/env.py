@@ -8,6 +8,7 @@ from sqlalchemy import create_engine, pool
 import postroom.db.batch_models  # noqa: F401
 from postroom.db import inbox_models  # noqa: F401
 from postroom.db.models import Base
+from postroom.partitions import include_name
 from postroom.settings import get_settings
 
 target_metadata = Base.metadata
@@ -27,7 +28,9 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata)
+        context.configure(
+            connection=connection, target_metadata=target_metadata, include_name=include_name
+        )
         with context.begin_transaction():
             context.run_migrations()
 

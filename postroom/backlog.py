@@ -88,13 +88,15 @@ def unwritten_result_shards(
     *, session: Session, grace_seconds: float, limit: int = 200
 ) -> list[tuple[uuid.UUID, int]]:
     """Done shards whose S3 result object was never written (the worker died right after its
-    commit), older than `grace_seconds`."""
+    commit), older than `grace_seconds`; none of a job being deleted (the purge removes those)."""
     rows = session.execute(
         select(Shard.job_id, Shard.shard_no)
+        .join(Job, Job.id == Shard.job_id)
         .where(
             Shard.state == ShardState.done,
             Shard.results_written_at.is_(None),
             Shard.finished_at < func.now() - timedelta(seconds=grace_seconds),
+            Job.deleted_at.is_(None),
         )
         .limit(limit)
     ).all()

@@ -21,6 +21,7 @@ from postroom.domain import JOB_ACTIVE, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.shards import add_shards, cancel_unclaimed
+from postroom.webhooks import enqueue_job_event
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class NewJob:
     warnings: Sequence[str] = ()
     max_spill_cost: float | None = None
     estimate: dict[str, Any] | None = None
+    webhook_url: str | None = None
+    expires_after: int | None = None
 
 
 def create_job(*, session: Session, new: NewJob) -> Job:
@@ -62,6 +65,8 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         body_hash=new.body_hash,
         max_spill_cost=new.max_spill_cost,
         estimate=new.estimate,
+        webhook_url=new.webhook_url,
+        expires_after=new.expires_after,
         total_docs=total,
         rejected_docs=len(new.rejected),
         shard_count=len(new.shard_sizes),
@@ -73,10 +78,12 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         session=session, job_id=new.job_id, shards=list(enumerate(new.shard_sizes)), queue=new.queue
     )
     if new.rejected:
+        created_at = job.created_at  # the server's now(), read back after the flush
         rows = [
             {
                 "job_id": new.job_id,
                 "doc_id": r.result_id,
+                "job_created_at": created_at,
                 "shard_no": -1,
                 "line": r.line,
                 "error": f"invalid_document: line {r.line}"
@@ -89,19 +96,29 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         ]
         for start in range(0, len(rows), 1000):
             session.execute(insert(Result), rows[start : start + 1000])
+    if not new.shard_sizes:  # nothing to run: completed as it is created
+        enqueue_job_event(session=session, job_id=new.job_id, event="job.completed")
     return job
 
 
 def find_job(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> Job:
     """The job, if it exists and belongs to the tenant (None = any tenant: workers, admins)."""
     job = session.get(Job, job_id)
-    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+    # A job being deleted is gone already.
+    if (
+        job is None
+        or job.deleted_at is not None
+        or (tenant_id is not None and job.tenant_id != tenant_id)
+    ):
         raise NotFound(f"no job {job_id}; check the id (jobs of other tenants are not visible)")
     return job
 
 
-def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
-    """Stop what has not started. Running shards finish; finished results stay."""
+def cancel_job(
+    *, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, event: str = "job.cancelled"
+) -> Job:
+    """Stop what has not started. Running shards finish; finished results stay. The webhook
+    `event` (job.cancelled, or job.expired when its time ran out) commits with the change."""
     job = find_job(session=session, tenant_id=tenant_id, job_id=job_id)
     changed = session.execute(
         update(Job)
@@ -111,6 +128,7 @@ def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     ).scalar_one_or_none()
     if changed is not None:
         cancel_unclaimed(session=session, job_id=job_id)
+        enqueue_job_event(session=session, job_id=job_id, event=event)
     session.refresh(job)
     return job
 
@@ -202,10 +220,13 @@ class WorkOrder:
     spec: JobSpec
     status: str
     shard_count: int
+    created_at: datetime  # the partition of the job's result rows
 
 
 def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
     row = session.execute(
-        select(Job.spec, Job.status, Job.shard_count).where(Job.id == job_id)
+        select(Job.spec, Job.status, Job.shard_count, Job.created_at).where(Job.id == job_id)
     ).one()
-    return WorkOrder(JobSpec.model_validate(row.spec), str(row.status), int(row.shard_count))
+    return WorkOrder(
+        JobSpec.model_validate(row.spec), str(row.status), int(row.shard_count), row.created_at
+    )

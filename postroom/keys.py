@@ -17,6 +17,16 @@ def result_shard_key(job_id: UUID, shard_no: int) -> str:
     return f"results/{job_id}/shard-{shard_no:06d}.jsonl"
 
 
+def results_parquet_key(job_id: UUID) -> str:
+    """The whole job's results as Parquet, next to the shard files, once the job completed."""
+    return f"results/{job_id}/results.parquet"
+
+
+def job_prefixes(job_id: UUID) -> tuple[str, ...]:
+    """Every key prefix under which Postroom keeps objects of one job (deletion lists these)."""
+    return (f"inputs/{job_id}/", f"results/{job_id}/", f"batches/{job_id}/")
+
+
 def rejected_lines_key(job_id: UUID) -> str:
     """Lines refused at submission under `on_invalid=skip` (they are also failed result rows)."""
     return f"results/{job_id}/rejected.jsonl"
@@ -70,6 +80,10 @@ def inbox_job_file_key(prefix: str, name: str) -> str:
 
 def outbox_results_key(prefix: str, name: str, file: str) -> str:
     return drop_key(prefix, "outbox", name, f"{file}.results.jsonl")
+
+
+def outbox_parquet_key(prefix: str, name: str, file: str) -> str:
+    return drop_key(prefix, "outbox", name, f"{file}.results.parquet")
 
 
 def outbox_errors_key(prefix: str, name: str, file: str) -> str:

@@ -33,6 +33,8 @@ TASK_CLASSIFY_SHARD = "postroom.classify_shard"
 TASK_REAP = "postroom.reap"
 TASK_ROUTE = "postroom.route"
 TASK_INBOX = "postroom.inbox"
+TASK_PURGE = "postroom.purge"
+TASK_WEBHOOKS = "postroom.webhooks"
 QUEUE_CONTROL = "control"
 GPU_QUEUE_PREFIX = "gpu"
 

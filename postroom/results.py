@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -48,11 +49,13 @@ def upsert_results(
     model: str,
     revision: str,
     results: Sequence[tuple[int, DocResult]],
+    job_created_at: datetime,
 ) -> None:
-    """Write (line, result) pairs; a rerun rewrites the same rows, never adds new ones."""
+    """Write (line, result) pairs; a rerun rewrites the same rows, never adds new ones.
+    `job_created_at` is the job's created_at: it picks the rows' partition."""
     stmt = insert(Result)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Result.job_id, Result.doc_id],
+        index_elements=[Result.job_id, Result.doc_id, Result.job_created_at],
         set_={
             col: stmt.excluded[col]
             for col in (
@@ -77,6 +80,7 @@ def upsert_results(
         {
             "job_id": job_id,
             "doc_id": r.id,
+            "job_created_at": job_created_at,
             "shard_no": shard_no,
             "line": line,
             "label": r.label,
@@ -103,28 +107,57 @@ def iter_result_lines(
     """Every result of a job in input order (its line in what the user sent, whatever shard it
     ended in after a split), read with a server-side cursor."""
     query = (
-        select(Result)
+        select(
+            Result.doc_id,
+            Result.label,
+            Result.confidence,
+            Result.route,
+            Result.model,
+            Result.revision,
+            Result.error,
+            Result.distribution,
+            Result.truncated,
+        )
         .where(Result.job_id == job_id)
         .order_by(Result.line)
         .execution_options(yield_per=chunk)
     )
     if only_failed:
         query = query.where(Result.error.is_not(None))
-    for row in session.scalars(query):
+    # Plain rows, not ORM objects: a million-line stream spends its time here.
+    for (
+        doc_id,
+        label,
+        confidence,
+        route,
+        model,
+        revision,
+        error,
+        distribution,
+        truncated,
+    ) in session.execute(query):
         line: dict[str, Any] = {
-            "id": row.doc_id,
-            "label": row.label,
-            "confidence": row.confidence,
-            "route": row.route,
-            "model": row.model,
-            "revision": row.revision,
-            "error": row.error,
+            "id": doc_id,
+            "label": label,
+            "confidence": confidence,
+            "route": route,
+            "model": model,
+            "revision": revision,
+            "error": error,
         }
-        if row.distribution is not None:
-            line["distribution"] = row.distribution
-        if row.truncated:
+        if distribution is not None:
+            line["distribution"] = distribution
+        if truncated:
             line["truncated"] = True
         yield line
+
+
+def count_results(*, session: Session, job_id: uuid.UUID) -> int:
+    return int(
+        session.execute(
+            select(func.count()).select_from(Result).where(Result.job_id == job_id)
+        ).scalar_one()
+    )
 
 
 def shard_result_lines(

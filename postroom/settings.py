@@ -219,6 +219,31 @@ class Settings(BaseSettings):
     inbox_max_decompressed_bytes: PositiveInt = 8 * 1024**3
     inbox_max_gzip_ratio: PositiveInt = 100
 
+    # -- job lifecycle: result formats, deletion, webhooks, retention (issue 21)
+    # Parquet results (streamed and results/{job}/results.parquet) are written this many rows per
+    # row group: memory holds one group, never the whole job.
+    results_parquet_row_group: PositiveInt = 10_000
+    # Finished jobs whose results.parquet the reaper writes per tick.
+    results_export_jobs_per_tick: PositiveInt = 10
+    # Deleting or purging a job removes its result rows this many at a time, each batch its own
+    # short transaction, so no long lock is held and a crash resumes where it stopped.
+    delete_batch_rows: PositiveInt = 5_000
+    # Webhooks: targets must be https on a public address unless this allows http and loopback,
+    # private and link-local addresses (tests, a receiver on the same host).
+    webhook_allow_private: bool = False
+    webhook_interval_seconds: PositiveFloat = 2.0
+    webhook_timeout_seconds: PositiveFloat = 10.0
+    # A delivery is retried with exponential backoff (capped) until this long after the event.
+    webhook_retry_seconds: PositiveInt = 24 * 3600
+    webhook_backoff_base_seconds: PositiveFloat = 5.0
+    webhook_backoff_max_seconds: PositiveFloat = 3600.0
+    webhook_deliveries_per_tick: PositiveInt = 100
+    # Finished jobs older than this many days are purged by the beat (0 = keep forever); a job's
+    # own `expires_after` wins. The beat purges up to purge_jobs_per_tick jobs per tick.
+    retention_days: int = Field(default=0, ge=0)
+    purge_interval_seconds: PositiveFloat = 60.0
+    purge_jobs_per_tick: PositiveInt = 5
+
     # -- metrics (Prometheus): workers and `postroom beat` serve /metrics on their own port
     #    (0 = off), bound to metrics_bind (loopback, so it is not open by default); the API serves
     #    /metrics on its own port

@@ -29,6 +29,7 @@ from postroom.domain import (
     JobStatus,
     ShardState,
 )
+from postroom.webhooks import enqueue_job_event
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
         .where(Job.id == job_id)
         .values(status=JobStatus.completed, finished_at=func.now())
     )
+    enqueue_job_event(session=session, job_id=job_id, event="job.completed")
     logger.info("job %s completed", job_id)
     return True
 

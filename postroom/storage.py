@@ -243,13 +243,18 @@ class Storage:
         with s3_errors(f"deleting {key}"):
             self.client.delete_object(**params)
 
-    def delete_prefix(self, prefix: str) -> None:
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`, a listing page (1,000 keys) at a time; returns
+        how many were deleted."""
+        deleted = 0
         with s3_errors(f"deleting {prefix}"):
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
                 if keys:
                     self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})  # type: ignore[typeddict-item]
+                    deleted += len(keys)
+        return deleted
 
 
 def encode_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:

@@ -45,6 +45,7 @@ from postroom.registry import choose_model
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
 from postroom.storage import Storage
+from postroom.webhook_targets import check_webhook_url
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class JobOptions(BaseModel):
     on_invalid: OnInvalid = "reject"
     max_spill_cost: float | None = Field(
         default=None, ge=0, description="the most this job may spend on the managed API, in $"
+    )
+    webhook_url: str | None = Field(
+        default=None, description="where job.completed/failed/cancelled/expired are POSTed"
+    )
+    expires_after: int | None = Field(
+        default=None, gt=0, description="seconds after the job finishes before it is purged"
     )
 
     @field_validator("deadline")
@@ -176,6 +183,7 @@ class Submission:
 
     def prepare(self, options: JobOptions, *, session: Session) -> None:
         """Check labels, instructions and model (raises InvalidInput); the job's spec."""
+        check_webhook_url(options.webhook_url, allow_private=self.settings.webhook_allow_private)
         self.spec, self.warnings = prepare_spec(options, session=session, settings=self.settings)
         self.options = options
 
@@ -264,6 +272,8 @@ class Submission:
         new = NewJob(
             job_id=self.job_id,
             max_spill_cost=options.max_spill_cost,
+            webhook_url=options.webhook_url,
+            expires_after=options.expires_after,
             estimate=estimate(
                 self.settings, docs=intake.accepted, chars=intake.chars, prompt_chars=prompt_chars
             ),

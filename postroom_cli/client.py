@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -72,12 +72,52 @@ class Client:
         result: dict[str, Any] = self._check(self.http.post(f"/v1/jobs/{job_id}/cancel"))
         return result
 
-    def results(self, job_id: str, *, only_failed: bool = False) -> Iterator[dict[str, Any]]:
+    def results(
+        self, job_id: str, *, only_failed: bool = False, format: str = "jsonl"
+    ) -> Iterator[Any]:
+        """JSONL lines as dicts; `format="csv"` yields the CSV's text lines."""
         params = {"only": "failed"} if only_failed else {}
+        if format != "jsonl":
+            params["format"] = format
         with self.http.stream("GET", f"/v1/jobs/{job_id}/results", params=params) as response:
             if response.status_code >= 400:
                 response.read()
                 self._check(response)
             for line in response.iter_lines():
                 if line:
-                    yield json.loads(line)
+                    yield json.loads(line) if format == "jsonl" else line
+
+    def download_results(
+        self, job_id: str, out: IO[bytes], *, format: str, only_failed: bool = False
+    ) -> int:
+        """Stream the results in `format` into `out`; returns the bytes written."""
+        params = {"format": format, **({"only": "failed"} if only_failed else {})}
+        size = 0
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/results", params=params) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            for chunk in response.iter_bytes(1 << 16):
+                out.write(chunk)
+                size += len(chunk)
+        return size
+
+    def webhooks(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.http.get("/v1/webhooks"))
+        return result
+
+    def set_webhook(self, url: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.http.put("/v1/webhooks", json={"url": url}))
+        return result
+
+    def job_webhooks(self, job_id: str) -> list[dict[str, Any]]:
+        result: dict[str, Any] = self._check(self.http.get(f"/v1/jobs/{job_id}/webhooks"))
+        return list(result["data"])
+
+    def delete(self, job_id: str) -> str:
+        """DELETE /v1/jobs/{id}: what the API says it did."""
+        response = self.http.delete(f"/v1/jobs/{job_id}")
+        if response.status_code == 204:
+            return f"job {job_id} deleted"
+        result = self._check(response)
+        return str(result.get("message", result))

@@ -1,4 +1,4 @@
-"""Commands that talk to the API as a tenant: submit, status, results, cancel, eval, and demo
+"""Commands that talk to the API as a tenant: submit, status, results, cancel, delete, eval, demo
 (which first starts a local stack to talk to)."""
 
 from __future__ import annotations
@@ -124,17 +124,43 @@ def status(
 def results(
     job_id: str,
     only_failed: Annotated[bool, typer.Option("--failed", help="only failed documents")] = False,
+    format: Annotated[str, typer.Option(help="jsonl | csv | parquet")] = "jsonl",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="write here (needed for parquet)")
+    ] = None,
     api_url: ApiUrl = None,
     key: ApiKey = None,
 ) -> None:
-    """Print a job's results as JSONL."""
+    """Print a job's results as JSONL, or save them as JSONL, CSV or Parquet with -o FILE."""
+    if format not in ("jsonl", "csv", "parquet"):
+        err.print(f"[red]--format {format!r}: use jsonl, csv or parquet[/]")
+        raise typer.Exit(2)
+    if format == "parquet" and output is None:
+        err.print("[red]--format parquet is binary: name a file with -o FILE[/]")
+        raise typer.Exit(2)
     client = _client(api_url, key)
     try:
-        for line in client.results(job_id, only_failed=only_failed):
-            print(json.dumps(line, ensure_ascii=False))
+        if output is not None:
+            with output.open("wb") as out:
+                size = client.download_results(job_id, out, format=format, only_failed=only_failed)
+            err.print(f"{size:,} bytes written to {output}")
+            return
+        for line in client.results(job_id, only_failed=only_failed, format=format):
+            print(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False))
     except ApiError as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(1) from e
+
+
+def delete(job_id: str, api_url: ApiUrl = None, key: ApiKey = None) -> None:
+    """Delete a job: cancel what runs, then remove its rows and every S3 object it owns."""
+    client = _client(api_url, key)
+    try:
+        message = client.delete(job_id)
+    except ApiError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    console.print(message)
 
 
 def cancel(job_id: str, api_url: ApiUrl = None, key: ApiKey = None) -> None:

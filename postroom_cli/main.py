@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from postroom_cli import admin_commands, job_commands, server_commands
+from postroom_cli import admin_commands, job_commands, server_commands, webhook_commands
 
 app = typer.Typer(help="Postroom: classify documents in bulk.", no_args_is_help=True)
 
@@ -24,6 +24,7 @@ for name, command in (
     ("status", job_commands.status),
     ("results", job_commands.results),
     ("cancel", job_commands.cancel),
+    ("delete", job_commands.delete),
     ("eval", job_commands.eval_),
     ("demo", job_commands.demo),
 ):
@@ -31,3 +32,4 @@ for name, command in (
 app.add_typer(admin_commands.keys_app, name="keys")
 app.add_typer(server_commands.model_app, name="model")
 app.add_typer(admin_commands.inbox_app, name="inbox")
+app.add_typer(webhook_commands.webhooks_app, name="webhooks")

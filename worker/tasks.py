@@ -198,6 +198,7 @@ def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool
             model=spec.model,
             revision=spec.revision,
             results=[(int(d["line"]), r) for d, r in zip(docs, results, strict=True)],
+            job_created_at=run.order.created_at,
         )
         won = finish_shard(
             session=session,

@@ -33,6 +33,7 @@ from postroom.keys import (
     output_file_id,
 )
 from postroom.storage import Storage
+from postroom.webhooks import enqueue_batch_event
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def settle_batch(*, session: Session, batch: Batch) -> bool:
     if ending is None or not _claim(session, batch, observed, ending, now):
         return False
     if ending == BatchStatus.expired:
-        cancel_job(session=session, tenant_id=batch.tenant_id, job_id=job.id)
+        cancel_job(session=session, tenant_id=batch.tenant_id, job_id=job.id, event="job.expired")
     return True
 
 
@@ -212,6 +213,14 @@ def _end(
             **{stamp: datetime.now(UTC)},
         )
     )
+    if batch.job_id is not None:
+        enqueue_batch_event(
+            session=session,
+            job_id=batch.job_id,
+            tenant_id=batch.tenant_id,
+            event=f"batch.{batch.ending}",
+            batch=batch_public_id(batch.id),
+        )
     session.refresh(batch)
 
 

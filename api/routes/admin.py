@@ -89,7 +89,11 @@ def list_all_jobs(
     status: str | None = None,
 ) -> AdminJobList:
     """Every tenant's jobs, newest first; `?tenant=NAME`, `?status=running` narrow it."""
-    query: Any = select(Job, Tenant.name).join(Tenant, Tenant.id == Job.tenant_id)
+    query: Any = (
+        select(Job, Tenant.name)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .where(Job.deleted_at.is_(None))
+    )
     if tenant is not None:
         query = query.where(Tenant.name == tenant)
     if status is not None:

@@ -1,17 +1,17 @@
-"""/v1/jobs: create (inline or `input_uri`), upload (streamed JSONL), list, get, results (NDJSON),
-cancel. Every way in builds one `Submission`, feeds it, records it, commits and publishes."""
+"""/v1/jobs: create (inline or `input_uri`), upload (streamed JSONL), list, get, results (JSONL,
+CSV, Parquet), cancel, delete. Every way in builds one `Submission`, feeds it, records it, commits
+and publishes."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -25,17 +25,22 @@ from api.responses import error_responses
 from api.schemas import JobCreate, JobList, JobPublic
 from api.uploads import body_source, upload_options
 from postroom.db.models import Job
-from postroom.errors import InvalidInput, PayloadTooLarge
+from postroom.deletion import mark_deleted, purge_job
+from postroom.errors import InvalidInput, PayloadTooLarge, Unavailable
 from postroom.jobs import cancel_job, find_job
 from postroom.keys import body_hash
 from postroom.queue import Celery
+from postroom.result_formats import MEDIA_TYPES, encode_results
 from postroom.results import iter_result_lines
 from postroom.settings import Settings
-from postroom.storage import Storage
+from postroom.storage import Storage, StorageError
 from postroom.submit import JobOptions, Submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = error_responses(401, 404, 408, 409, 413, 415, 422, 503)
+# DELETE purges inline up to this many row batches (POSTROOM_DELETE_BATCH_ROWS each); a bigger
+# job answers 202 and the beat's purge removes it, so the request stays short.
+INLINE_DELETE_BATCHES = 20
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", max_length=200, description="dedupe key")
 ]
@@ -144,6 +149,8 @@ async def upload_job(
     on_invalid: Literal["reject", "skip"] = "reject",
     metadata: Annotated[str | None, Query(description="a JSON object")] = None,
     max_spill_cost: Annotated[float | None, Query(ge=0, description="$ cap on spill")] = None,
+    webhook_url: Annotated[str | None, Query(description="target of the job's events")] = None,
+    expires_after: Annotated[int | None, Query(gt=0, description="purge N s after end")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -165,6 +172,8 @@ async def upload_job(
         on_invalid,
         metadata,
         max_spill_cost,
+        webhook_url,
+        expires_after,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions
@@ -207,7 +216,7 @@ def list_jobs(
     cursor: str | None = None,
 ) -> JobList:
     """The tenant's jobs, newest first."""
-    query = select(Job).where(Job.tenant_id == caller.tenant_id)
+    query = select(Job).where(Job.tenant_id == caller.tenant_id, Job.deleted_at.is_(None))
     if cursor:
         created, job_id = decode_cursor(cursor)
         query = query.where(
@@ -234,7 +243,10 @@ def get_job(
 
 @router.get(
     "/{job_id}/results",
-    responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}}},
+    responses={
+        **ERRORS,
+        200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
+    },
     response_class=StreamingResponse,
 )
 def get_results(
@@ -242,26 +254,33 @@ def get_results(
     request: Request,
     caller: CallerDep,
     session: SessionDep,
+    settings: SettingsDep,
     only: Literal["failed"] | None = None,
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl",
 ) -> StreamingResponse:
-    """One NDJSON line per document: `{id, label, confidence, route, model, error}`."""
-    find_job(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    """The job's results in input order: NDJSON lines `{id, label, confidence, route, model,
+    revision, error, distribution}` (default), or `format=csv|parquet` with the columns id,
+    label, confidence, route, model, revision, error and `prob_<label>` per label. Streamed:
+    Parquet a row group at a time, never the whole job in memory."""
+    job = find_job(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    labels = [label["name"] for label in job.spec["labels"]]
     sessions = request.app.state.sessions
 
-    def lines() -> Iterator[bytes]:
+    def chunks() -> Iterator[bytes]:
         with sessions() as stream_session:
-            batch: list[str] = []
-            for line in iter_result_lines(
+            lines = iter_result_lines(
                 session=stream_session, job_id=job_id, only_failed=only == "failed"
-            ):
-                batch.append(json.dumps(line, ensure_ascii=False))
-                if len(batch) >= 500:
-                    yield ("\n".join(batch) + "\n").encode()
-                    batch.clear()
-            if batch:
-                yield ("\n".join(batch) + "\n").encode()
+            )
+            yield from encode_results(
+                lines, format=format, labels=labels, row_group=settings.results_parquet_row_group
+            )
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    suffix = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}[format]
+    return StreamingResponse(
+        chunks(),
+        media_type=MEDIA_TYPES[format],
+        headers={"Content-Disposition": f'attachment; filename="{job_id}.{suffix}"'},
+    )
 
 
 @router.post("/{job_id}/cancel", responses=ERRORS)
@@ -272,3 +291,57 @@ def cancel(
     job = cancel_job(session=session, tenant_id=caller.tenant_id, job_id=job_id)
     session.commit()
     return job_public(session=session, job=job, settings=settings)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    responses={**ERRORS, 202: {"description": "deletion under way: shards were still running"}},
+)
+def delete_job(
+    job_id: uuid.UUID,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """Delete a job: cancel what has not started, then remove its result rows, shards and every
+    S3 object it owns (inputs, results, results.parquet). From now on it answers 404.
+
+    204 when it is gone; 202 when shards were still running, or the job is large (over 20
+    batches of POSTROOM_DELETE_BATCH_ROWS): the beat's purge finishes it. Repeating it resumes a
+    deletion that was cut short."""
+    docs = mark_deleted(session=session, tenant_id=caller.tenant_id, job_id=job_id)
+    session.commit()
+    if docs > INLINE_DELETE_BATCHES * settings.delete_batch_rows:
+        return _deleting(job_id, "it is large: the beat's purge removes it in the background")
+    try:
+        report = purge_job(
+            request.app.state.sessions,
+            storage,
+            job_id=job_id,
+            batch_rows=settings.delete_batch_rows,
+            inbox_prefix=settings.inbox_prefix,
+        )
+    except StorageError as e:
+        raise Unavailable(
+            f"S3 failed while deleting job {job_id}'s objects ({e}); the job is hidden already "
+            "and the deletion resumes when you repeat the request (or in the beat)"
+        ) from e
+    if report.done:
+        return Response(status_code=204)
+    return _deleting(
+        job_id, f"{report.waiting} shard(s) were still running; the beat finishes once they stop"
+    )
+
+
+def _deleting(job_id: uuid.UUID, why: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=202,
+        content={
+            "id": str(job_id),
+            "status": "deleting",
+            "message": f"job {job_id} is hidden; {why}",
+        },
+    )

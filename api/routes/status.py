@@ -114,6 +114,7 @@ def tenant_jobs(*, session: Session, tenant_id: uuid.UUID, since: datetime) -> l
             select(Job)
             .where(
                 Job.tenant_id == tenant_id,
+                Job.deleted_at.is_(None),
                 or_(Job.status.in_(JOB_ACTIVE), Job.finished_at >= since),
             )
             .order_by(Job.created_at.desc())

@@ -90,7 +90,12 @@ def record_object(
             submission.record(
                 session=session, tenant_id=ensure_tenant(session=session, name=tenant)
             )
-            link_job(session=session, object_id=obj.id, job_id=obj.id)
+            link_job(
+                session=session,
+                object_id=obj.id,
+                job_id=obj.id,
+                results_format=job_file.results_format,
+            )
     except InvalidInput as e:  # rolled back: the row is still ours, and `seen`
         reason = invalid_input_reason(e, fix=f"Fix {obj.folder}/job.json or {obj.file}.")
         return fail_object(deps, obj, attempt=attempt, reason=reason, submission=submission)

@@ -19,7 +19,7 @@ from postroom.submit import JobOptions
 JOB_FILE = "job.json"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_JOB_FILE_BYTES = 1024 * 1024
-JOB_FILE_FIELDS = (*JobOptions.model_fields, "tenant")
+JOB_FILE_FIELDS = (*JobOptions.model_fields, "tenant", "results_format")
 # The settings behind the decompressed-size and gzip-ratio limits, named in reasons.
 
 
@@ -103,6 +103,7 @@ def check_data_file(obj: DropObject, *, prefix: str) -> None:
 class JobFile:
     options: JobOptions
     tenant: str | None
+    results_format: str = "jsonl"
 
 
 def parse_job_file(raw: bytes, *, where: str) -> JobFile:
@@ -126,6 +127,9 @@ def parse_job_file(raw: bytes, *, where: str) -> JobFile:
     tenant = data.pop("tenant", None)
     if tenant is not None and (not isinstance(tenant, str) or not 0 < len(tenant.strip()) <= 200):
         raise UnusableObject(f'{where}: "tenant" must be a name of 1 to 200 characters. {fix}')
+    results_format = data.pop("results_format", "jsonl")
+    if results_format not in ("jsonl", "parquet"):
+        raise UnusableObject(f'{where}: "results_format" must be "jsonl" or "parquet". {fix}')
     try:
         options = JobOptions.model_validate(data)
     except ValidationError as e:
@@ -137,7 +141,9 @@ def parse_job_file(raw: bytes, *, where: str) -> JobFile:
             f"{where} has invalid options: {'; '.join(problems)}. "
             f"Allowed fields: {', '.join(JOB_FILE_FIELDS)}. {fix}"
         ) from e
-    return JobFile(options=options, tenant=tenant.strip() if tenant else None)
+    return JobFile(
+        options=options, tenant=tenant.strip() if tenant else None, results_format=results_format
+    )
 
 
 def invalid_input_reason(error: InvalidInput, *, fix: str) -> str:

@@ -25,15 +25,18 @@ from control.inbox.rows import (
 )
 from postroom.db.inbox_models import InboxObject
 from postroom.domain import JobStatus
+from postroom.exports import spool_results
 from postroom.keys import (
     done_key,
     failed_key,
     failed_reason_key,
     outbox_errors_key,
+    outbox_parquet_key,
     outbox_results_key,
 )
 from postroom.queue import publish_job
-from postroom.results import iter_result_lines
+from postroom.result_formats import MEDIA_TYPES
+from postroom.results import count_results, iter_result_lines
 from postroom.storage import NoSuchObject, ObjectChanged, StorageError, encode_jsonl
 
 logger = logging.getLogger(__name__)
@@ -107,8 +110,12 @@ def finalize_object(deps: InboxDeps, row: InboxObject, *, status: str, attempt: 
     Every step overwrites the same keys, so a finalize that died is simply done again."""
     obj = DropObject.of_row(row)
     job_id = row.job_id or row.id
-    results = outbox_results_key(deps.prefix, obj.folder, obj.file)
-    lines = upload_results(deps, obj.bucket, results, job_id=job_id, only_failed=False)
+    if row.results_format == "parquet":
+        results = outbox_parquet_key(deps.prefix, obj.folder, obj.file)
+        lines = upload_parquet(deps, obj.bucket, results, job_id=job_id)
+    else:
+        results = outbox_results_key(deps.prefix, obj.folder, obj.file)
+        lines = upload_results(deps, obj.bucket, results, job_id=job_id, only_failed=False)
     errors = upload_results(
         deps,
         obj.bucket,
@@ -157,3 +164,18 @@ def upload_results(
             return 0
         deps.storage.upload_file(key, spool, content_type="application/x-ndjson", bucket=bucket)
     return count
+
+
+def upload_parquet(deps: InboxDeps, bucket: str, key: str, *, job_id: uuid.UUID) -> int:
+    """The job's results as Parquet (job.json's `"results_format": "parquet"`), written a row
+    group at a time into a spooled file, then uploaded. Returns the number of rows."""
+    spool, _ = spool_results(
+        deps.sessions,
+        job_id=job_id,
+        format="parquet",
+        row_group=deps.settings.results_parquet_row_group,
+    )
+    with spool:
+        deps.storage.upload_file(key, spool, content_type=MEDIA_TYPES["parquet"], bucket=bucket)
+    with deps.sessions() as session:
+        return count_results(session=session, job_id=job_id)

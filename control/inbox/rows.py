@@ -150,9 +150,16 @@ def mark_ingested(*, session: Session, object_id: uuid.UUID, attempt: int) -> bo
     return _update_held(session, object_id, attempt, [InboxState.seen], **values)
 
 
-def link_job(*, session: Session, object_id: uuid.UUID, job_id: uuid.UUID) -> None:
-    """Record the job (inserted after mark_ingested in the same transaction: foreign key)."""
-    session.execute(update(InboxObject).where(InboxObject.id == object_id).values(job_id=job_id))
+def link_job(
+    *, session: Session, object_id: uuid.UUID, job_id: uuid.UUID, results_format: str = "jsonl"
+) -> None:
+    """Record the job (inserted after mark_ingested in the same transaction: foreign key) and the
+    format its outbox results are to be written in."""
+    session.execute(
+        update(InboxObject)
+        .where(InboxObject.id == object_id)
+        .values(job_id=job_id, results_format=results_format)
+    )
 
 
 def mark_running(*, session: Session, object_id: uuid.UUID) -> bool:

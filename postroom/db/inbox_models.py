@@ -47,6 +47,8 @@ class InboxObject(Base):
     state: Mapped[str] = mapped_column(String(16))
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     reason: Mapped[str | None] = mapped_column(Text)
+    # The outbox results' format, from job.json's `results_format`: jsonl (default) or parquet.
+    results_format: Mapped[str] = mapped_column(String(8), default="jsonl", server_default="jsonl")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: tenants, api_keys, jobs, shards, results, workers."""
+"""SQLAlchemy 2 models: tenants, api_keys, jobs, shards, results, workers, webhook_deliveries."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    # Webhooks: the default target of the tenant's jobs, and the secret they are signed with
+    # (Standard Webhooks `whsec_…`, made on first use).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):
@@ -69,6 +73,14 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index(
+            "ix_jobs_unexported",
+            "finished_at",
+            postgresql_where=text(
+                "status = 'completed' AND results_exported_at IS NULL AND deleted_at IS NULL"
+            ),
+        ),
+        Index("ix_jobs_deleted", "deleted_at", postgresql_where=text("deleted_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -94,6 +106,16 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set once results/{job}/results.parquet holds the finished job's results (the reaper
+    # writes it; a crash before this leaves it to be written again).
+    results_exported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when DELETE /v1/jobs/{id} (or retention) began removing the job: from then on it
+    # answers 404, and the purge removes its rows and objects, resuming after a crash.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Where this job's events go (else the tenant's default), and how many seconds after it
+    # finished the beat purges it (else POSTROOM_RETENTION_DAYS).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    expires_after: Mapped[int | None] = mapped_column(Integer)
 
 
 class Shard(Base):
@@ -142,10 +164,15 @@ class Result(Base):
         ),
         Index("ix_results_job_order", "job_id", "shard_no", "line"),  # a shard's results
         Index("ix_results_job_line", "job_id", "line"),  # a job's results in input order
+        # One partition per UTC day of job creation (postroom.partitions): retention drops a
+        # day's partition instead of deleting its rows.
+        {"postgresql_partition_by": "RANGE (job_created_at)"},
     )
 
     job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     doc_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    # The job's created_at, the partition key (so part of the primary key).
+    job_created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
     shard_no: Mapped[int] = mapped_column(Integer)
     line: Mapped[int] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(Text)
@@ -174,3 +201,35 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     docs_done: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class WebhookDelivery(Base):
+    """One event to one target: the outbox row, inserted in the transaction of the state change
+    it reports, then sent (and retried) by the beat until delivered or out of time. Its id is
+    the `webhook-id` (the same on every retry, so receivers can dedupe)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_job", "job_id", "created_at"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(12), default="pending")  # delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # Every attempt: {at, attempt, status, error, ms}
+    log: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -14,6 +14,7 @@ import postroom.db.batch_models
 import postroom.db.inbox_models  # noqa: F401 - registers their tables on Base.metadata
 from postroom.db.models import Base, Job, Tenant
 from postroom.domain import DocResult
+from postroom.partitions import include_name
 from postroom.results import iter_result_lines, upsert_results
 
 
@@ -21,7 +22,8 @@ def test_migrations_match_the_models(database_url: str) -> None:
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            context = MigrationContext.configure(conn, opts={"include_name": include_name})
+            diff = compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()
     assert diff == [], "models and migrations differ; add a migration:\n" + "\n".join(
@@ -48,6 +50,8 @@ def test_results_come_back_in_input_order_across_split_shards(database_url: str)
                     shard_count=2,
                 )
             )
+        with Session(engine) as session:
+            created = session.get_one(Job, job_id).created_at
         # Given shard 0 (lines 1-20) was split into shards 2 and 3 while shard 1 (lines 21-40)
         # ran whole, and the parts committed in an arbitrary order
         parts = [(1, range(21, 41)), (3, range(11, 21)), (2, range(1, 11))]
@@ -63,6 +67,7 @@ def test_results_come_back_in_input_order_across_split_shards(database_url: str)
                     model="tiny",
                     revision="r",
                     attempt=1,
+                    job_created_at=created,
                 )
         # Then the results read back in the order the documents were sent
         with Session(engine) as session:

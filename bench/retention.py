@@ -1,0 +1,339 @@
+"""Deleting and purging a 1,000,000-document job while another job is being written: how long
+each takes, and the other job's write throughput meanwhile against its solo figure.
+
+    .venv/bin/python bench/retention.py                   # 1,000,000 docs
+    .venv/bin/python bench/retention.py --docs 200000
+
+Real Postgres (a fresh database, migrated), a moto S3 server. No engine runs: the big jobs are
+filled in SQL (their rows are what deletion works through) with one input and one result object
+per 1,000-document shard; the other job is written as a worker commits, 1,000 results upserted
+and the shard finished per transaction, back to back. Three cases, each timed with the writer
+running: (a) `DELETE /v1/jobs/{id}`'s purge of a job created today (result rows deleted in
+batches of POSTROOM_DELETE_BATCH_ROWS, each its own transaction); (b) retention of a job
+created 40 days ago: its day partition detached CONCURRENTLY and dropped, then the beat's purge
+of its objects, shards and job row. The writer (its own process) is measured solo before,
+between and after; each case is compared with the solo windows either side of it. Prints a
+table and writes bench/results/retention.json.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import secrets
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from report import bench_parser, parse_bench_args, print_table, write_results
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from control.purge import purge_tick
+from postroom.db.migrate import migrate
+from postroom.db.models import Job
+from postroom.db.session import make_engine, make_sessionmaker
+from postroom.deletion import mark_deleted, purge_job
+from postroom.domain import DocResult, JobSpec, Label
+from postroom.jobs import NewJob, create_job
+from postroom.keys import input_shard_key, result_shard_key
+from postroom.partitions import create_partition_sql, drop_partitions_past_retention
+from postroom.results import upsert_results
+from postroom.settings import Settings
+from postroom.shards import add_shards, claim_shard, finish_shard
+from postroom.storage import Storage
+from postroom.tenants import ensure_tenant
+from postroom_cli.local import start_moto
+
+SHARD = 1000
+SPEC = JobSpec(
+    labels=[Label(name="a"), Label(name="b")],
+    instructions="Pick one.",
+    mode="generative",
+    model="tiny",
+    revision="r",
+    decoding="score",
+)
+
+
+def make_job(sessions: sessionmaker[Session], *, sizes: tuple[int, ...], tenant: str) -> uuid.UUID:
+    """A committed job with shards of these sizes (none: completed at once)."""
+    job_id = uuid.uuid4()
+    with sessions.begin() as session:
+        create_job(
+            session=session,
+            new=NewJob(
+                job_id=job_id,
+                tenant_id=ensure_tenant(session=session, name=tenant),
+                spec=SPEC,
+                spill="auto",
+                deadline=None,
+                metadata=None,
+                idempotency_key=None,
+                body_hash=None,
+                shard_sizes=sizes,
+                rejected=(),
+                queue="gpu.bench",
+            ),
+        )
+    return job_id
+
+
+def fill_job(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    *,
+    docs: int,
+    days_ago: int,
+    tenant: str | None = None,
+) -> uuid.UUID:
+    """A completed job of `docs` results (and its shards and objects), created `days_ago`."""
+    job_id = make_job(sessions, sizes=(), tenant=tenant or f"big-{secrets.token_hex(4)}")
+    created = datetime.now(UTC) - timedelta(days=days_ago)
+    shards = (docs + SHARD - 1) // SHARD
+    with sessions.begin() as session:
+        session.execute(text(create_partition_sql(created.date())))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(created_at=created, total_docs=docs, shard_count=shards, status="completed")
+        )
+        add_shards(
+            session=session,
+            job_id=job_id,
+            shards=[(n, min(SHARD, docs - n * SHARD)) for n in range(shards)],
+            queue="gpu.bench",
+        )
+        session.execute(
+            text(
+                "UPDATE shards SET state = 'done', finished_at = now() - interval '1 hour', "
+                "results_written_at = now() WHERE job_id = :j"
+            ),
+            {"j": job_id},
+        )
+    for start in range(0, docs, 100_000):  # statements well under the statement timeout
+        with sessions.begin() as session:
+            session.execute(
+                text(
+                    "INSERT INTO results (job_id, doc_id, job_created_at, shard_no, line, label, "
+                    "confidence, distribution, route, model, revision, truncated, tokens_in, "
+                    "tokens_out, attempt) SELECT :j, 'doc-' || n, :c, n / 1000, n, 'a', 0.9, "
+                    "'{\"a\": 0.9, \"b\": 0.1}'::jsonb, 'gpu', 'tiny', 'r', false, 100, 1, 1 "
+                    "FROM generate_series(:lo, :hi - 1) AS n"
+                ),
+                {"j": job_id, "c": created, "lo": start, "hi": min(docs, start + 100_000)},
+            )
+    with sessions.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(finished_at=created + timedelta(hours=1))
+        )
+    with ThreadPoolExecutor(16) as pool:
+        for shard in range(shards):
+            pool.submit(storage.put_bytes, input_shard_key(job_id, shard), b"{}\n")
+            pool.submit(storage.put_bytes, result_shard_key(job_id, shard), b"{}\n")
+    return job_id
+
+
+class Writer:
+    """The other job, written as a worker commits (claim, upsert 1,000 results, finish), in a
+    process of its own so that it shares no interpreter lock with the purge or the moto server;
+    each commit's time (CLOCK_MONOTONIC, the same in every process) goes into a queue."""
+
+    def __init__(self, url: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.commits = context.Queue()
+        self.stop = context.Event()
+        self.process = context.Process(target=write_loop, args=(url, self.commits, self.stop))
+        self.times: list[float] = []
+
+    def start(self) -> None:
+        self.process.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.process.join(120)
+        self.drain()
+
+    def drain(self) -> None:
+        """What the queue holds now (never waits for more: the writer keeps adding)."""
+        while True:
+            try:
+                self.times.append(self.commits.get(timeout=0.05))
+            except queue.Empty:
+                return
+
+    def rate(self, start: float, end: float) -> float:
+        time.sleep(0.2)  # commits up to `end` reach the queue
+        self.drain()
+        return sum(SHARD for t in self.times if start <= t <= end) / (end - start)
+
+
+def write_loop(url: str, commits: Any, stop: Any) -> None:
+    sessions = make_sessionmaker(make_engine(Settings(database_url=url)))
+    while not stop.is_set():
+        job_id = make_job(sessions, sizes=(SHARD,) * 50, tenant="writer")
+        with sessions() as session:
+            created = session.get_one(Job, job_id).created_at
+        for shard in range(50):
+            if stop.is_set():
+                return
+            results = [
+                (n, DocResult(id=f"w{n}", label="a", confidence=0.7, distribution={"a": 0.7}))
+                for n in range(shard * SHARD, (shard + 1) * SHARD)
+            ]
+            with sessions.begin() as session:
+                claimed = claim_shard(
+                    session=session,
+                    job_id=job_id,
+                    shard_no=shard,
+                    worker="bench",
+                    lease_seconds=60,
+                    route="gpu",
+                )
+                assert claimed is not None
+                fence = {"job_id": job_id, "shard_no": shard, "attempt": claimed.attempt}
+                upsert_results(
+                    session=session,
+                    **fence,
+                    route="gpu",
+                    model="tiny",
+                    revision="r",
+                    results=results,
+                    job_created_at=created,
+                )
+                finish_shard(session=session, **fence, succeeded=SHARD, failed=0, route="gpu")
+            commits.put(time.monotonic())
+
+
+def timed(writer: Writer, action: Callable[[], object]) -> tuple[float, float]:
+    """Seconds the action took and the writer's rows/s meanwhile."""
+    start = time.monotonic()
+    action()
+    end = time.monotonic()
+    return end - start, writer.rate(start, end)
+
+
+def solo(writer: Writer, seconds: float) -> float:
+    start = time.monotonic()
+    time.sleep(seconds)
+    return writer.rate(start, time.monotonic())
+
+
+def main() -> None:
+    parser = bench_parser(__doc__ or "")
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--solo-seconds", type=float, default=20.0)
+    args = parse_bench_args(parser, "retention")
+    name = f"postroom_bench_retention_{secrets.token_hex(3)}"
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    migrate(url)
+    server, endpoint = start_moto()
+    settings = Settings(
+        database_url=url,
+        s3_endpoint_url=endpoint,
+        s3_bucket="bench-retention",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        retention_days=30,
+        database_statement_timeout_ms=300_000,
+    )
+    storage = Storage(settings)
+    storage.ensure_bucket()
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    try:
+        t0 = time.monotonic()
+        today = fill_job(sessions, storage, docs=args.docs, days_ago=0)
+        old = fill_job(sessions, storage, docs=args.docs, days_ago=40)
+        fill = time.monotonic() - t0
+        print(f"filled 2 jobs of {args.docs:,} results in {fill:.0f}s")
+        writer = Writer(url)
+        writer.start()
+        solo(writer, 5.0)  # warm-up: connections, first job
+        solos = [solo(writer, args.solo_seconds)]
+
+        def delete_today() -> None:
+            with sessions.begin() as session:
+                mark_deleted(session=session, tenant_id=None, job_id=today)
+            report = purge_job(
+                sessions, storage, job_id=today, batch_rows=settings.delete_batch_rows
+            )
+            assert report.done, report
+            assert report.rows == args.docs, report
+
+        delete_secs, delete_rate = timed(writer, delete_today)
+        solos.append(solo(writer, args.solo_seconds))
+
+        def drop_old_day() -> None:
+            assert drop_partitions_past_retention(engine, retention_days=30) == 1
+
+        def purge_old() -> None:
+            tick = purge_tick(sessions=sessions, storage=storage, settings=settings)
+            assert tick.purged >= 1, tick
+
+        drop_secs, drop_rate = timed(writer, drop_old_day)
+        purge_secs, purge_rate = timed(writer, purge_old)
+        solos.append(solo(writer, args.solo_seconds))
+        writer.finish()
+        with sessions() as session:
+            left = session.execute(
+                text("SELECT count(*) FROM jobs WHERE id IN (:a, :b)"), {"a": today, "b": old}
+            ).scalar_one()
+        assert left == 0
+    finally:
+        engine.dispose()
+        server.stop()
+        with psycopg.connect(
+            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    # Each case against the mean of the solo windows either side of it: the load of a shared
+    # machine drifts over minutes.
+    rows = [
+        ("DELETE (rows in batches)", delete_secs, delete_rate, statistics.mean(solos[0:2])),
+        ("retention: day partition dropped", drop_secs, drop_rate, statistics.mean(solos[1:3])),
+        (
+            "retention: then objects, shards, job",
+            purge_secs,
+            purge_rate,
+            statistics.mean(solos[1:3]),
+        ),
+    ]
+    base = statistics.mean(solos)
+    print_table(
+        f"{'case':<36} {'time':>8} {'other job rows/s':>17} {'solo either side':>17} {'ratio':>6}",
+        [
+            f"{case:<36} {secs:>7.1f}s {rate:>17,.0f} {near:>17,.0f} {rate / near:>6.2f}"
+            for case, secs, rate, near in rows
+        ]
+        + [
+            f"{'solo (before, between, after)':<36} {'':>8} {base:>17,.0f} "
+            f"{' / '.join(f'{s:,.0f}' for s in solos)}"
+        ],
+    )
+    write_results(
+        args.out,
+        {
+            "docs": args.docs,
+            "solo_rows_per_second": solos,
+            "cases": [
+                {
+                    "case": case,
+                    "seconds": round(secs, 2),
+                    "other_rows_per_second": round(rate),
+                    "solo_either_side_rows_per_second": round(near),
+                    "vs_solo": round(rate / near, 3),
+                }
+                for case, secs, rate, near in rows
+            ],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

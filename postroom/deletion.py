@@ -1,0 +1,230 @@
+"""Deleting a job: mark it (it answers 404 from then on, and what has not started is cancelled),
+then purge its S3 objects and rows in bounded batches, the job row last.
+
+Safe to repeat and to resume after a crash at any step: the mark is a compare-and-set, every
+purge step deletes what is still there, and the job row (with `deleted_at`) stays until the
+rest is gone, so the next DELETE or the beat's purge tick finds it and carries on. A shard still
+running, or committed but with its S3 result object not yet written, holds the purge back: its
+worker would otherwise write an object after the listing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.batch_models import File
+from postroom.db.inbox_models import InboxObject
+from postroom.db.models import Job, Shard
+from postroom.domain import JOB_ACTIVE, JobStatus, ShardState
+from postroom.errors import NotFound
+from postroom.keys import (
+    done_key,
+    error_file_id,
+    failed_key,
+    failed_reason_key,
+    file_key,
+    job_prefixes,
+    outbox_errors_key,
+    outbox_parquet_key,
+    outbox_results_key,
+    output_file_id,
+)
+from postroom.shards import cancel_unclaimed
+from postroom.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+# A committed shard whose S3 object is still unwritten this long is the reaper's to rebuild (its
+# worker died); the purge stops waiting for it.
+UNWRITTEN_GRACE = timedelta(minutes=2)
+
+
+@dataclass
+class PurgeReport:
+    """What one purge did: `done` once the job row is gone; `waiting` shards held it back."""
+
+    done: bool = False
+    waiting: int = 0
+    objects: int = 0
+    rows: int = 0
+
+
+def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> int:
+    """Start deleting a job: stamp `deleted_at` (once) and cancel it if it is still active.
+    Returns the job's document count.
+
+    A job already being deleted is found again, so a repeated DELETE resumes the purge.
+
+    Raises:
+        NotFound: no such job for this tenant (or it is gone already).
+    """
+    row = session.execute(select(Job.tenant_id, Job.total_docs).where(Job.id == job_id)).first()
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+        raise NotFound(f"no job {job_id}; check the id (jobs of other tenants are not visible)")
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.deleted_at.is_(None)).values(deleted_at=func.now())
+    )
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(JOB_ACTIVE))
+        .values(status=JobStatus.cancelled, finished_at=func.now())
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    if cancelled is not None:
+        cancel_unclaimed(session=session, job_id=job_id)
+    logger.info("job %s marked for deletion", job_id)
+    return int(row.total_docs)
+
+
+def shards_in_flight(*, session: Session, job_id: uuid.UUID) -> int:
+    """Shards of the job a worker may still write for: running on a live lease, or committed
+    with the S3 result object not yet written (recently)."""
+    now = func.now()
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Shard)
+            .where(
+                Shard.job_id == job_id,
+                or_(
+                    and_(Shard.state == ShardState.running, Shard.lease_until > now),
+                    and_(
+                        Shard.state == ShardState.done,
+                        Shard.results_written_at.is_(None),
+                        Shard.finished_at > now - UNWRITTEN_GRACE,
+                    ),
+                ),
+            )
+        ).scalar_one()
+    )
+
+
+def delete_objects(storage: Storage, job_id: uuid.UUID) -> int:
+    """Every S3 object the job owns: inputs/, results/ (shards, results.parquet, rejected lines),
+    batches/ and an OpenAI batch's output and error files. Returns how many were deleted."""
+    deleted = 0
+    for prefix in job_prefixes(job_id):
+        deleted += storage.delete_prefix(prefix)
+    for file_id in (output_file_id(job_id), error_file_id(job_id)):
+        storage.delete(file_key(file_id))
+    return deleted
+
+
+def drop_folder_outputs(
+    *, session: Session, job_id: uuid.UUID, inbox_prefix: str
+) -> list[tuple[str, str]]:
+    """(bucket, key) of what the drop folder wrote for this job: its outbox results (JSONL or
+    Parquet) and errors, and the input moved to done/ or failed/ (with the reason). Left out when
+    a later version of the same file was dropped since: those keys are now its outputs."""
+    rows = session.scalars(select(InboxObject).where(InboxObject.job_id == job_id)).all()
+    found = []
+    for row in rows:
+        later = session.execute(
+            select(InboxObject.id).where(
+                InboxObject.bucket == row.bucket,
+                InboxObject.key == row.key,
+                InboxObject.seen_at > row.seen_at,
+            )
+        ).first()
+        if later is not None:
+            continue
+        args = (inbox_prefix, row.folder, row.file)
+        for key in (
+            outbox_results_key(*args),
+            outbox_parquet_key(*args),
+            outbox_errors_key(*args),
+            done_key(*args),
+            failed_key(*args),
+            failed_reason_key(*args),
+        ):
+            found.append((row.bucket, key))
+    return found
+
+
+def delete_result_rows(
+    *, sessions: sessionmaker[Session], job_id: uuid.UUID, created_at: datetime, batch: int
+) -> int:
+    """Delete the job's result rows `batch` at a time, each batch in its own short transaction,
+    so no lock is held for long and other jobs' writers never wait behind a big delete, resting
+    between batches as long as each took. The
+    job's creation time names its partition, so only that one is touched (and ctid, unique
+    only within a partition, is safe)."""
+    total = 0
+    while True:
+        started = time.monotonic()
+        with sessions.begin() as session:
+            deleted: int = session.execute(
+                text(
+                    "DELETE FROM results WHERE job_id = :job_id AND job_created_at = :created "
+                    "AND ctid = ANY(ARRAY(SELECT ctid FROM results WHERE job_id = :job_id "
+                    "AND job_created_at = :created LIMIT :batch))"
+                ),
+                {"job_id": job_id, "created": created_at, "batch": batch},
+            ).rowcount  # type: ignore[attr-defined]
+        total += deleted
+        if deleted < batch:
+            return total
+        # Rest as long as the batch took (a 50 % duty cycle), so the purge of a big job leaves
+        # Postgres to the jobs being written; deleting is never urgent.
+        time.sleep(time.monotonic() - started)
+
+
+def purge_job(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    *,
+    job_id: uuid.UUID,
+    batch_rows: int,
+    inbox_prefix: str = "",
+) -> PurgeReport:
+    """Remove a job marked deleted: objects (the drop folder's outputs and input too, under
+    `inbox_prefix`), result rows, shards, its batch's files, its inbox row, the job.
+
+    Raises:
+        StorageError: S3 failed; nothing is lost, a later purge carries on.
+    """
+    report = PurgeReport()
+    with sessions() as session:
+        created_at = session.execute(
+            select(Job.created_at).where(Job.id == job_id, Job.deleted_at.is_not(None))
+        ).scalar_one_or_none()
+        if created_at is None:
+            report.done = session.get(Job, job_id) is None
+            return report
+        report.waiting = shards_in_flight(session=session, job_id=job_id)
+        dropped = drop_folder_outputs(session=session, job_id=job_id, inbox_prefix=inbox_prefix)
+    if report.waiting:
+        return report
+    report.objects = delete_objects(storage, job_id)
+    for bucket, key in dropped:
+        storage.delete(key, bucket=bucket)
+    report.objects += len(dropped)
+    report.rows = delete_result_rows(
+        sessions=sessions, job_id=job_id, created_at=created_at, batch=batch_rows
+    )
+    with sessions.begin() as session:
+        session.execute(delete(Shard).where(Shard.job_id == job_id))
+        session.execute(
+            delete(File).where(File.id.in_([output_file_id(job_id), error_file_id(job_id)]))
+        )
+        session.execute(delete(InboxObject).where(InboxObject.job_id == job_id))
+        # The batch row of an OpenAI batch, webhook rows and the rest go with the job (cascade).
+        session.execute(delete(Job).where(Job.id == job_id))
+    report.done = True
+    logger.info("job %s deleted: %d objects, %d result rows", job_id, report.objects, report.rows)
+    return report
+
+
+def jobs_being_deleted(*, session: Session, limit: int) -> list[uuid.UUID]:
+    return list(
+        session.scalars(
+            select(Job.id).where(Job.deleted_at.is_not(None)).order_by(Job.deleted_at).limit(limit)
+        )
+    )

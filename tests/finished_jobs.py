@@ -1,0 +1,97 @@
+"""A finished job made straight in Postgres (and optionally S3) without a worker: shards claimed,
+results upserted and shards finished through the same functions a worker calls, so the job is
+`completed` exactly as a worker would leave it. Result formats, deletion and webhooks start here."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.models import Job
+from postroom.domain import DocResult
+from postroom.jobs import work_order
+from postroom.keys import input_shard_key, result_shard_key
+from postroom.partitions import create_partition_sql
+from postroom.results import result_line, upsert_results
+from postroom.shards import claim_shard, finish_shard, mark_results_written
+from postroom.storage import Storage, encode_jsonl
+from tests.postroom.jobrows import SPEC, make_job
+
+LABELS = [label.name for label in SPEC.labels]  # "a", "b"
+
+
+def doc_result(n: int) -> DocResult:
+    """Document n's result: every 17th failed, the rest alternate a and b with a distribution."""
+    if n % 17 == 0:
+        return DocResult(id=f"doc-{n}", error=f'too_long: document {n}, "quoted", has, commas')
+    p = round(0.5 + (n % 50) / 100, 6)
+    label, other = ("a", "b") if n % 2 else ("b", "a")
+    return DocResult(
+        id=f"doc-{n}", label=label, confidence=p, distribution={label: p, other: 1 - p}
+    )
+
+
+def finished_job(
+    sessions: sessionmaker[Session],
+    *,
+    tenant: str,
+    docs: int,
+    shard_size: int = 1000,
+    storage: Storage | None = None,
+    created_days_ago: int = 0,
+) -> uuid.UUID:
+    """A completed job of `docs` documents for `tenant`; with `storage`, its input and result
+    shard objects are written too (what a real job leaves in S3). `created_days_ago` backdates
+    the job (its result rows then go to that day's partition, created here if missing)."""
+    sizes = tuple(min(shard_size, docs - start) for start in range(0, docs, shard_size))
+    job_id = make_job(sessions, sizes=sizes, tenant=tenant)
+    if created_days_ago:
+        created = datetime.now(UTC) - timedelta(days=created_days_ago)
+        with sessions.begin() as session:
+            session.execute(text(create_partition_sql(created.date())))
+            session.execute(update(Job).where(Job.id == job_id).values(created_at=created))
+    for shard_no, start in enumerate(range(0, docs, shard_size)):
+        results = [(n + 1, doc_result(n)) for n in range(start, start + sizes[shard_no])]
+        if storage is not None:
+            inputs = [{"id": r.id, "text": f"text {line}", "line": line} for line, r in results]
+            storage.put_bytes(input_shard_key(job_id, shard_no), encode_jsonl(inputs))
+        with sessions.begin() as session:
+            claimed = claim_shard(
+                session=session,
+                job_id=job_id,
+                shard_no=shard_no,
+                worker="test",
+                lease_seconds=60,
+                route="gpu",
+            )
+            assert claimed is not None
+            fence = {"job_id": job_id, "shard_no": shard_no, "attempt": claimed.attempt}
+            upsert_results(
+                session=session,
+                **fence,
+                route="gpu",
+                model=SPEC.model,
+                revision=SPEC.revision,
+                results=results,
+                job_created_at=work_order(session=session, job_id=job_id).created_at,
+            )
+            failed = sum(1 for _, r in results if r.error)
+            assert finish_shard(
+                session=session,
+                **fence,
+                succeeded=len(results) - failed,
+                failed=failed,
+                route="gpu",
+            )
+        if storage is not None:
+            lines = [
+                result_line(r, route="gpu", model=SPEC.model, revision=SPEC.revision)
+                for _, r in results
+            ]
+            storage.put_bytes(result_shard_key(job_id, shard_no), encode_jsonl(lines))
+        with sessions.begin() as session:
+            mark_results_written(session=session, job_id=job_id, shard_no=shard_no)
+    return job_id
