@@ -31,6 +31,7 @@ def upload_options(
     on_invalid: str,
     metadata: str | None,
     max_spill_cost: float | None,
+    priority: str = "normal",
 ) -> JobOptions:
     raw: dict[str, Any] = {
         "labels": json_or_csv(labels, "labels"),
@@ -41,6 +42,7 @@ def upload_options(
         "spill": spill,
         "on_invalid": on_invalid,
         "max_spill_cost": max_spill_cost,
+        "priority": priority,
     }
     if deadline is not None:
         raw["deadline"] = float(deadline) if is_number(deadline) else deadline

@@ -43,6 +43,7 @@ class NewJob:
     warnings: Sequence[str] = ()
     max_spill_cost: float | None = None
     estimate: dict[str, Any] | None = None
+    priority: str = "normal"
 
 
 def create_job(*, session: Session, new: NewJob) -> Job:
@@ -55,6 +56,7 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         spec=new.spec.model_dump(mode="json"),
         model=new.spec.model,
         spill=new.spill,
+        priority=new.priority,
         deadline=new.deadline,
         job_metadata=new.metadata,
         warnings=list(new.warnings),

@@ -31,6 +31,7 @@ from postroom.domain import (
     Label,
     Mode,
     OnInvalid,
+    Priority,
     SpillPolicy,
 )
 from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput
@@ -65,6 +66,9 @@ class JobOptions(BaseModel):
     )
     metadata: dict[str, Any] | None = None
     on_invalid: OnInvalid = "reject"
+    priority: Priority = Field(
+        default="normal", description="high, normal or low (up to the tenant's maximum)"
+    )
     max_spill_cost: float | None = Field(
         default=None, ge=0, description="the most this job may spend on the managed API, in $"
     )
@@ -270,6 +274,7 @@ class Submission:
             tenant_id=tenant_id,
             spec=spec,
             spill=options.spill,
+            priority=options.priority,
             deadline=options.deadline_at(datetime.now(UTC)),
             metadata=options.metadata,
             idempotency_key=idempotency_key,

@@ -144,6 +144,7 @@ async def upload_job(
     on_invalid: Literal["reject", "skip"] = "reject",
     metadata: Annotated[str | None, Query(description="a JSON object")] = None,
     max_spill_cost: Annotated[float | None, Query(ge=0, description="$ cap on spill")] = None,
+    priority: Literal["high", "normal", "low"] = "normal",
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -165,6 +166,7 @@ async def upload_job(
         on_invalid,
         metadata,
         max_spill_cost,
+        priority,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions

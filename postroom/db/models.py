@@ -49,6 +49,12 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    # Claim policy and quotas; NULL = the deployment's setting (POSTROOM_TENANT_*, _QUOTA_*).
+    weight: Mapped[float | None] = mapped_column(Float)
+    max_priority: Mapped[str | None] = mapped_column(String(8))
+    quota_docs_waiting: Mapped[int | None] = mapped_column(BigInteger)
+    quota_docs_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    quota_running_shards: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -69,6 +75,12 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        # The claim policy ranks the active jobs only.
+        Index(
+            "ix_jobs_active",
+            "created_at",
+            postgresql_where=text("status IN ('validating', 'queued', 'running')"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -78,6 +90,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(100))
     spill: Mapped[str] = mapped_column(String(8), default="auto")
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
     job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
@@ -104,6 +117,18 @@ class Shard(Base):
             "ix_shards_unwritten",
             "finished_at",
             postgresql_where=text("state = 'done' AND results_written_at IS NULL"),
+        ),
+        # Claim by policy: a job's next claimable shard of a queue, and whether it has one.
+        Index(
+            "ix_shards_claimable",
+            "job_id",
+            "queue",
+            "shard_no",
+            postgresql_where=text("state IN ('queued', 'expired')"),
+        ),
+        # Fair share: each tenant's recent work.
+        Index(
+            "ix_shards_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")
         ),
     )
 
