@@ -42,6 +42,7 @@ from postroom.labels import label_collisions, validate_labels
 from postroom.lines import LineStream, StreamLimits
 from postroom.prompts import instructions_text
 from postroom.queue import Celery, gpu_queue, publish_job
+from postroom.quotas import admit_job
 from postroom.registry import choose_model
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
@@ -259,6 +260,13 @@ class Submission:
             existing = _existing(session, tenant_id, idempotency_key, body_hash)
             if existing is not None:
                 return self._repeat_of(existing)
+        admit_job(
+            session=session,
+            tenant_id=tenant_id,
+            docs=intake.accepted + len(intake.rejected),
+            priority=options.priority,
+            settings=self.settings,
+        )
         if intake.rejected and options.on_invalid == "skip":
             self.storage.put_jsonl(
                 rejected_lines_key(self.job_id),
