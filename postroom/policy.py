@@ -25,7 +25,7 @@ import math
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, func, literal, or_, select, text, true
 from sqlalchemy.orm import Session
@@ -192,8 +192,7 @@ def claim_best(
     loads = tenant_loads(
         session=session, tenant_ids={job.tenant_id for job in jobs}, settings=settings
     )
-    now = session.execute(select(func.now())).scalar_one()
-    ranked = rank_jobs(jobs, loads, now=now, settings=settings, prefer=prefer)
+    ranked = rank_jobs(jobs, loads, now=datetime.now(UTC), settings=settings, prefer=prefer)
     for job in ranked[: settings.policy_candidate_jobs]:
         got = claim_next_of_job(
             session=session,
