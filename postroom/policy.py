@@ -38,6 +38,12 @@ from postroom.shards import Claimed, claim_next_of_job
 PRIORITIES = ("high", "normal", "low")
 
 
+class ClaimContended(Exception):
+    """Shards of the queue wait, but none could be claimed now: other transactions hold their
+    rows (another worker claiming, a publisher recording its doorbells) or their tenants are at
+    the running quota. The doorbell must not be dropped: the worker retries it shortly."""
+
+
 @dataclass(frozen=True)
 class WaitingJob:
     """An active job with a shard of the queue waiting for a claim."""
@@ -178,8 +184,10 @@ def claim_best(
     """Claim the best claimable shard of `queue` for this worker, in the caller's transaction;
     None when nothing of the queue is claimable by policy on this route.
 
-    Returns (job_id, shard_no, claimed). A worker of route R only claims shards whose queue is
-    R's, so the router's moves between routes (postroom.shards.move_unclaimed) stay safe.
+    Returns (job_id, shard_no, claimed). Raises ClaimContended when shards wait but none could be
+    taken now (SKIP LOCKED skipped them, or their tenants are at quota), so the doorbell is kept.
+    A worker of route R only claims shards whose queue is R's, so the router's moves between
+    routes (postroom.shards.move_unclaimed) stay safe.
     """
     if (queue == QUEUE_SPILL) != (route == "spill"):
         return None
@@ -205,4 +213,4 @@ def claim_best(
         )
         if got is not None:
             return job.id, got[0], got[1]
-    return None
+    raise ClaimContended(f"{len(jobs)} job(s) wait on {queue} but no shard could be taken now")

@@ -25,7 +25,7 @@ from postroom.jobs import WorkOrder, work_order
 from postroom.keys import input_shard_key, result_shard_key
 from postroom.logs import bound
 from postroom.metrics import SHARDS, observe_shard
-from postroom.policy import claim_best
+from postroom.policy import ClaimContended, claim_best
 from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task, publish_and_record
 from postroom.results import result_line, upsert_results
 from postroom.shards import (
@@ -45,6 +45,7 @@ from worker.spill import SpillUnavailable
 logger = logging.getLogger(__name__)
 
 TRANSIENT = (
+    ClaimContended,
     StorageError,
     OperationalError,
     ModelNotHosted,

@@ -9,11 +9,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Shard, Tenant
-from postroom.policy import TenantLoad, WaitingJob, claim_best, rank_jobs
+from postroom.policy import ClaimContended, TenantLoad, WaitingJob, claim_best, rank_jobs
 from postroom.settings import Settings
 from tests.postroom.jobrows import claim, finish, make_job
 
@@ -122,11 +122,29 @@ def test_a_tenant_at_its_running_quota_is_passed_over(
     with sessions.begin() as session:
         session.execute(update(Tenant).where(Tenant.name == tenant).values(quota_running_shards=1))
     assert _claim_best(sessions, settings, queue) == (capped, 0)
-    assert _claim_best(sessions, settings, queue) is None
+    # Its shards wait: the doorbell is kept for a retry, not dropped.
+    with pytest.raises(ClaimContended):
+        _claim_best(sessions, settings, queue)
     with sessions() as session:
         attempt = session.get_one(Shard, (capped, 0)).attempt
     assert finish(sessions, capped, 0, attempt)
     assert _claim_best(sessions, settings, queue) == (capped, 1)
+
+
+def test_a_shard_locked_by_another_transaction_keeps_the_doorbell(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    queue = _queue()
+    job_id = make_job(sessions, sizes=(3,), queue=queue)
+    # A publisher recording its doorbells holds the shard's row lock until it commits.
+    with sessions.begin() as publisher:
+        publisher.execute(
+            update(Shard).where(Shard.job_id == job_id).values(enqueued_at=func.now())
+        )
+        with pytest.raises(ClaimContended):
+            _claim_best(sessions, settings, queue)
+    assert _claim_best(sessions, settings, queue) == (job_id, 0)
+    assert _claim_best(sessions, settings, queue) is None
 
 
 def test_rank_prefers_the_workers_job_on_a_fair_share_tie_and_weighs_tenants(
