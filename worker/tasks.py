@@ -166,6 +166,7 @@ def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
 
 
 def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | None:
+    started = time.monotonic()
     with runtime.sessions.begin() as session:
         claimed = claim_shard(
             session=session,
@@ -178,12 +179,13 @@ def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | Non
         if claimed is None:
             return None
         order = work_order(session=session, job_id=job_id)
-    run = ShardRun(job_id, shard_no, claimed, order)
+    run = ShardRun(job_id, shard_no, claimed, order, marks={"started": started})
     run.mark("claimed")
     return run
 
 
 def _claim_best(runtime: Runtime, queue: str) -> ShardRun | None:
+    started = time.monotonic()
     with runtime.sessions.begin() as session:
         got = claim_best(
             session=session,
@@ -198,7 +200,7 @@ def _claim_best(runtime: Runtime, queue: str) -> ShardRun | None:
             return None
         job_id, shard_no, claimed = got
         order = work_order(session=session, job_id=job_id)
-    run = ShardRun(job_id, shard_no, claimed, order)
+    run = ShardRun(job_id, shard_no, claimed, order, marks={"started": started})
     run.mark("claimed")
     return run
 
