@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from postroom.errors import PostroomError
+from postroom.errors import PostroomError, QuotaExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PostroomError)
     async def _postroom(_: Request, exc: PostroomError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if isinstance(exc, QuotaExceeded):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 from api.schemas import JobPublic
 from postroom.costs import spend
 from postroom.db.models import Job
-from postroom.domain import JobSpec
+from postroom.domain import JOB_ACTIVE, JobSpec
 from postroom.jobs import job_counts, spend_by_route
+from postroom.registry import live_models, waiting_note
 from postroom.settings import Settings
 
 
@@ -51,7 +52,18 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         estimate=job.estimate,
         spend=spend(settings, spend_by_route(session=session, job_id=job.id)),
         router_note=job.router_note,
+        priority=job.priority,
+        status_detail=_status_detail(session=session, job=job, settings=settings),
         results_url=f"/v1/jobs/{job.id}/results",
         webhook_url=job.webhook_url,
         expires_after=job.expires_after,
     )
+
+
+def _status_detail(*, session: Session, job: Job, settings: Settings) -> str | None:
+    """What an unfinished job waits for, when it is something the user should know."""
+    if job.status not in JOB_ACTIVE or job.spill == "always":
+        return None
+    if job.model not in live_models(session=session, settings=settings):
+        return waiting_note(job.model)
+    return None

@@ -54,6 +54,10 @@ class JobPublic(BaseModel):
         default_factory=dict, description="docs, tokens and $ per route; total; $ per 1,000 docs"
     )
     router_note: str | None = None
+    priority: str = "normal"
+    status_detail: str | None = Field(
+        default=None, description="what an unfinished job waits for, e.g. a worker for its model"
+    )
     results_url: str
     webhook_url: str | None = None
     expires_after: int | None = None

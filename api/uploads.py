@@ -33,6 +33,7 @@ def upload_options(
     max_spill_cost: float | None,
     webhook_url: str | None = None,
     expires_after: int | None = None,
+    priority: str = "normal",
 ) -> JobOptions:
     raw: dict[str, Any] = {
         "labels": json_or_csv(labels, "labels"),
@@ -45,6 +46,7 @@ def upload_options(
         "max_spill_cost": max_spill_cost,
         "webhook_url": webhook_url,
         "expires_after": expires_after,
+        "priority": priority,
     }
     if deadline is not None:
         raw["deadline"] = float(deadline) if is_number(deadline) else deadline

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,10 +28,21 @@ def _waiting(*columns: Any) -> Any:
 
 
 def shard_admission(*, session: Session, job_id: uuid.UUID, shard_no: int) -> Any:
-    """(attempt, releases, shard_count) of a shard before it is claimed, or None: a stale
-    message. A shard with crashes behind it, or a part of a split, runs alone (admission)."""
+    """(attempt, releases, shard_count, queue, claimable) of a shard before it is claimed, or
+    None: a stale message. A shard with crashes behind it, or a part of a split, is claimed by
+    name and runs alone (admission)."""
+    claimable = or_(
+        Shard.state.in_(SHARD_CLAIMABLE),
+        and_(Shard.state == ShardState.running, Shard.lease_until < func.now()),
+    )
     return session.execute(
-        select(Shard.attempt, Shard.releases, Job.shard_count)
+        select(
+            Shard.attempt,
+            Shard.releases,
+            Job.shard_count,
+            Shard.queue,
+            claimable.label("claimable"),
+        )
         .join(Job, Job.id == Shard.job_id)
         .where(Shard.job_id == job_id, Shard.shard_no == shard_no)
     ).one_or_none()
@@ -53,6 +65,49 @@ def claimable_queues(*, session: Session) -> list[str]:
             select(Shard.queue).distinct().where(Shard.state.in_(SHARD_CLAIMABLE))
         ).all()
     )
+
+
+@dataclass(frozen=True)
+class QueueCount:
+    """Claimable shards of a queue, as the doorbell reconciliation sees them."""
+
+    claimable: int  # all of them
+    settled: int  # those not announced within the grace period (or never)
+    fresh: bool  # a shard of this queue was announced within the grace period
+
+
+def doorbell_counts(*, session: Session, grace_seconds: float) -> dict[str, QueueCount]:
+    """Per queue with a claimable shard of an active job: how many doorbells it should have."""
+    recent = func.now() - timedelta(seconds=grace_seconds)
+    rows = session.execute(
+        _waiting(
+            Shard.queue,
+            func.count(),
+            func.count().filter(or_(Shard.enqueued_at.is_(None), Shard.enqueued_at < recent)),
+            func.bool_or(Shard.enqueued_at >= recent),
+        ).group_by(Shard.queue)
+    ).all()
+    return {
+        queue: QueueCount(int(total), int(settled), bool(fresh))
+        for queue, total, settled, fresh in rows
+    }
+
+
+def doorbells_owed(
+    *, session: Session, queue: str, limit: int, grace_seconds: float
+) -> list[tuple[uuid.UUID, int, str]]:
+    """Claimable shards of a queue to name in new doorbells when the broker holds fewer than
+    there are shards: suspects first (only a message naming them claims them), then the never
+    announced, then the longest announced."""
+    recent = func.now() - timedelta(seconds=grace_seconds)
+    suspect = or_(Shard.attempt > Shard.releases, Shard.shard_no >= Job.shard_count)
+    rows = session.execute(
+        _waiting(Shard.job_id, Shard.shard_no, Shard.queue)
+        .where(Shard.queue == queue, or_(Shard.enqueued_at.is_(None), Shard.enqueued_at < recent))
+        .order_by(suspect.desc(), Shard.enqueued_at.asc().nulls_first(), Shard.shard_no)
+        .limit(limit)
+    ).all()
+    return [(job_id, shard_no, q) for job_id, shard_no, q in rows]
 
 
 def shards_to_republish(

@@ -39,6 +39,8 @@ Mode = Literal["generative", "embedding"]
 Decoding = Literal["score", "choice"]
 SpillPolicy = Literal["auto", "never", "always"]
 Route = Literal["gpu", "spill"]
+# A job's claim priority (postroom.policy); a tenant may not ask above its maximum.
+Priority = Literal["high", "normal", "low"]
 OnInvalid = Literal["reject", "skip"]
 
 

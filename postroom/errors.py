@@ -100,6 +100,27 @@ class IdempotencyKeyReused(Conflict):
     code = "idempotency_key_reused"
 
 
+class PriorityNotAllowed(PostroomError):
+    """The job asks for a priority above its tenant's maximum (`postroom tenants set`)."""
+
+    code = "priority_not_allowed"
+    http_status = 403
+
+
+class QuotaExceeded(PostroomError):
+    """Accepting the job would put its tenant over a quota; `retry_after` says when to try
+    again (seconds), sent as the `Retry-After` header of the 429."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(
+        self, message: str, *, retry_after: int, details: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+
 class Unavailable(PostroomError):
     """A dependency (database, broker, S3) cannot be reached; retry later."""
 

@@ -46,6 +46,7 @@ class NewJob:
     estimate: dict[str, Any] | None = None
     webhook_url: str | None = None
     expires_after: int | None = None
+    priority: str = "normal"
 
 
 def create_job(*, session: Session, new: NewJob) -> Job:
@@ -58,6 +59,7 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         spec=new.spec.model_dump(mode="json"),
         model=new.spec.model,
         spill=new.spill,
+        priority=new.priority,
         deadline=new.deadline,
         job_metadata=new.metadata,
         warnings=list(new.warnings),

@@ -40,7 +40,7 @@ SPILLED_SHARDS = Counter("postroom_router_spilled_shards_total", "Shards the rou
 REAPER_ACTIONS = Counter(
     "postroom_reaper_actions_total",
     "Reaper actions: expired (leases run out), republished (lost messages), rewritten (result "
-    "objects rebuilt from Postgres)",
+    "objects rebuilt from Postgres), trimmed (excess doorbells dropped)",
     ["action"],
 )
 
@@ -232,6 +232,19 @@ class QueueDepth:
     documents: int = 0
     running_shards: int = 0
     running_documents: int = 0
+    workers: int = 0  # live workers that serve this queue
+
+
+def queue_workers(*, session: Session, since: datetime) -> dict[str, int]:
+    """Workers with a heartbeat after `since` per queue they serve (a GPU worker serves its
+    models' queues, a spill worker the spill queue)."""
+    counts: dict[str, int] = {}
+    for route, models in session.execute(
+        select(Worker.route, Worker.models).where(Worker.heartbeat_at >= since)
+    ).all():
+        for queue in [QUEUE_SPILL] if route == "spill" else [gpu_queue(a) for a in models or []]:
+            counts[queue] = counts.get(queue, 0) + 1
+    return counts
 
 
 def shard_queues(settings: Settings) -> list[str]:
@@ -239,8 +252,11 @@ def shard_queues(settings: Settings) -> list[str]:
     return [*(gpu_queue(alias) for alias in settings.models), QUEUE_SPILL]
 
 
-def queue_depths(*, session: Session, queues: Iterable[str] = ()) -> list[QueueDepth]:
-    """Shards (and their documents) waiting (queued or expired) and running, per queue.
+def queue_depths(
+    *, session: Session, queues: Iterable[str] = (), alive_since: datetime | None = None
+) -> list[QueueDepth]:
+    """Shards (and their documents) waiting (queued or expired) and running, per queue, and the
+    live workers serving each (heartbeat after `alive_since`).
 
     `queues` are always listed, at 0 when empty, so a depth falls to 0 instead of vanishing.
     """
@@ -258,6 +274,10 @@ def queue_depths(*, session: Session, queues: Iterable[str] = ()) -> list[QueueD
         else:
             depth.shards += int(shards)
             depth.documents += int(docs)
+    if alive_since is not None:
+        for queue, count in queue_workers(session=session, since=alive_since).items():
+            if queue in depths:
+                depths[queue].workers = count
     return sorted(depths.values(), key=lambda d: d.queue)
 
 
@@ -302,6 +322,13 @@ _POSTGRES_SPECS = [
     ("gauge", "postroom_queue_depth_documents", "Documents of waiting shards", ["queue"]),
     ("gauge", "postroom_queue_running_shards", "Shards being worked", ["queue"]),
     ("gauge", "postroom_queue_running_documents", "Documents of shards being worked", ["queue"]),
+    ("gauge", "postroom_queue_workers", "Live workers serving the queue", ["queue"]),
+    (
+        "gauge",
+        "postroom_queue_unserved_documents",
+        "Documents waiting in a queue no live worker serves (what a scale-from-zero reads)",
+        ["queue"],
+    ),
     ("gauge", "postroom_jobs", "Jobs not finished, by status", ["status"]),
     ("gauge", "postroom_workers_alive", "Workers with a recent heartbeat, by route", ["route"]),
     (
@@ -335,7 +362,11 @@ class PostgresCollector(Collector):
         now = datetime.now(UTC)
         try:
             with self.sessions() as session:
-                depths = queue_depths(session=session, queues=shard_queues(self.settings))
+                depths = queue_depths(
+                    session=session,
+                    queues=shard_queues(self.settings),
+                    alive_since=now - timedelta(seconds=self.settings.gpu_dead_after),
+                )
                 jobs = active_jobs(session=session)
                 alive = alive_workers(
                     session=session, since=now - timedelta(seconds=self.settings.gpu_dead_after)
@@ -354,6 +385,8 @@ class PostgresCollector(Collector):
                 ("postroom_queue_depth_documents", depth.documents),
                 ("postroom_queue_running_shards", depth.running_shards),
                 ("postroom_queue_running_documents", depth.running_documents),
+                ("postroom_queue_workers", depth.workers),
+                ("postroom_queue_unserved_documents", 0 if depth.workers else depth.documents),
             ):
                 families[name].add_metric([depth.queue], value)
         for status, count in jobs.items():

@@ -84,6 +84,17 @@ def queue_depth(client: Any, queue: str, *, prefix: str = "") -> int:
     return sum(int(client.llen(key)) for key in keys)
 
 
+def trim_queue(client: Any, queue: str, count: int, *, prefix: str = "") -> int:
+    """Drop up to `count` doorbells from a Redis-backed Celery queue (the newest first), when it
+    holds more than there are shards to claim; returns how many went. Any doorbell of a queue
+    claims by policy, so which ones go does not matter; a suspect's, if dropped, is rung again
+    by the reaper (postroom.backlog.doorbells_owed)."""
+    if count <= 0:
+        return 0
+    popped = client.lpop(prefix + queue, count)
+    return len(popped or [])
+
+
 def publish_shard(app: Celery, *, job_id: str, shard_no: int, queue: str) -> None:
     """Ring the doorbell for one shard. The message carries ids only; documents live in S3."""
     app.send_task(

@@ -30,32 +30,52 @@ def served_models(*, session: Session, settings: Settings) -> list[str]:
     return sorted(alias for alias in served if alias in settings.models)
 
 
+def live_models(*, session: Session, settings: Settings) -> list[str]:
+    """Registry aliases served by a worker alive now (a heartbeat within POSTROOM_GPU_DEAD_AFTER
+    seconds): a job for any other alias waits for a worker."""
+    since = datetime.now(UTC) - timedelta(seconds=settings.gpu_dead_after)
+    rows = session.execute(
+        select(Worker.route, Worker.models).where(Worker.heartbeat_at >= since)
+    ).all()
+    served = {alias for route, models in rows if route == "gpu" for alias in models}
+    return sorted(alias for alias in served if alias in settings.models)
+
+
+def waiting_note(alias: str) -> str:
+    return f"waiting for a worker serving {alias}"
+
+
 def choose_model(
     *, session: Session, settings: Settings, alias: str | None, mode: Mode | None
 ) -> tuple[str, ModelSpec]:
-    """Resolve the job's model alias; refuse unknown or unserved aliases and mode mismatches."""
-    served = served_models(session=session, settings=settings)
+    """Resolve the job's model alias: any alias in the registry (POSTROOM_MODELS) is accepted,
+    whether or not a worker serves it now (the job waits for one; autoscalers start workers
+    from the queue depth). Refuse only unknown aliases and mode mismatches. With only a `mode`,
+    the default model if it has that mode, else a served alias, else any registry alias."""
+    registry = sorted(settings.models)
     if alias is None:
-        candidates = [settings.model] if mode is None else []
+        alias = settings.model
         if mode is not None:
-            ordered = [settings.model, *served]
+            served = served_models(session=session, settings=settings)
+            ordered = [settings.model, *served, *registry]
             candidates = [a for a in ordered if settings.models[a].mode == mode][:1]
-        alias = candidates[0] if candidates else None
-        if alias is None:
-            raise UnknownModel(
-                f"no served model does mode {mode!r}; served: {', '.join(served) or 'none'}",
-                details=[{"field": "mode", "served": served}],
-            )
-    if alias not in settings.models or alias not in served:
+            if not candidates:
+                raise UnknownModel(
+                    f"no model in the registry does mode {mode!r}; "
+                    f"registered: {', '.join(registry)}",
+                    details=[{"field": "mode", "registered": registry}],
+                )
+            alias = candidates[0]
+    if alias not in settings.models:
         raise UnknownModel(
-            f"model {alias!r} is not served by any worker; use one of: "
-            f"{', '.join(served) or 'none (start a worker: postroom worker --models ALIAS)'}",
-            details=[{"field": "model", "served": served}],
+            f"model {alias!r} is not in the registry (POSTROOM_MODELS); use one of: "
+            f"{', '.join(registry)}",
+            details=[{"field": "model", "registered": registry}],
         )
     spec = settings.models[alias]
     if mode is not None and spec.mode != mode:
         raise UnknownModel(
             f"model {alias!r} is a {spec.mode} model but the job asks for mode {mode!r}",
-            details=[{"field": "mode", "served": served}],
+            details=[{"field": "mode", "registered": registry}],
         )
     return alias, spec

@@ -196,6 +196,23 @@ class Settings(BaseSettings):
     # than the GPUs, and comes back only when the GPUs would, so it never goes back and forth.
     router_spill_margin: float = Field(default=1.25, gt=1.0)
 
+    # -- claim policy and quotas per tenant (a tenant's row may override each `tenant_*` and
+    #    `quota_*`: `postroom tenants set`); a quota of 0 means no limit
+    # A job's deadline is "at risk", and goes first (earliest first) within its priority, once it
+    # is this close.
+    policy_deadline_horizon_seconds: PositiveFloat = 900.0
+    # Fair share counts each tenant's documents running and finished on the GPUs this recently.
+    policy_fair_share_window_seconds: PositiveFloat = 300.0
+    # How many of the best-ranked jobs a claim tries before giving up (all busy or locked).
+    policy_candidate_jobs: PositiveInt = 32
+    tenant_weight: PositiveFloat = 1.0
+    tenant_max_priority: Literal["high", "normal", "low"] = "normal"
+    quota_docs_waiting: int = Field(default=0, ge=0)
+    quota_docs_per_day: int = Field(default=0, ge=0)
+    quota_running_shards: int = Field(default=0, ge=0)
+    # Retry-After of a 429 for documents waiting (for documents per day: until midnight UTC).
+    quota_retry_after_seconds: PositiveInt = 60
+
     # -- cost
     spill_price_input_per_mtok: float = Field(default=0.15, ge=0)
     spill_price_output_per_mtok: float = Field(default=0.60, ge=0)

@@ -114,6 +114,45 @@ def claim_shard(
     return Claimed(attempt=attempt[0], crashes=attempt[0] - 1 - attempt[1], queue=attempt[2])
 
 
+def claim_next_of_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    queue: str,
+    shard_count: int,
+    worker: str,
+    lease_seconds: int,
+    route: str,
+) -> tuple[int, Claimed] | None:
+    """Claim a job's lowest-numbered claimable shard of `queue` that is not under suspicion
+    (no crash behind it, not a part of a split: those are claimed by name, alone); None when
+    there is none, or when other workers hold the row locks of all of them (SKIP LOCKED)."""
+    shard_no = session.execute(
+        select(Shard.shard_no)
+        .where(
+            Shard.job_id == job_id,
+            Shard.queue == queue,
+            Shard.state.in_(SHARD_CLAIMABLE),
+            Shard.attempt == Shard.releases,
+            Shard.shard_no < shard_count,
+        )
+        .order_by(Shard.shard_no)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).scalar_one_or_none()
+    if shard_no is None:
+        return None
+    claimed = claim_shard(
+        session=session,
+        job_id=job_id,
+        shard_no=shard_no,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        route=route,
+    )
+    return None if claimed is None else (shard_no, claimed)
+
+
 def _held(job_id: uuid.UUID, shard_no: int, attempt: int) -> Any:
     """The fence: the shard is running and this attempt still holds it."""
     return and_(

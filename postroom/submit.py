@@ -31,6 +31,7 @@ from postroom.domain import (
     Label,
     Mode,
     OnInvalid,
+    Priority,
     SpillPolicy,
 )
 from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput
@@ -41,6 +42,7 @@ from postroom.labels import label_collisions, validate_labels
 from postroom.lines import LineStream, StreamLimits
 from postroom.prompts import instructions_text
 from postroom.queue import Celery, gpu_queue, publish_job
+from postroom.quotas import admit_job
 from postroom.registry import choose_model
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
@@ -66,6 +68,9 @@ class JobOptions(BaseModel):
     )
     metadata: dict[str, Any] | None = None
     on_invalid: OnInvalid = "reject"
+    priority: Priority = Field(
+        default="normal", description="high, normal or low (up to the tenant's maximum)"
+    )
     max_spill_cost: float | None = Field(
         default=None, ge=0, description="the most this job may spend on the managed API, in $"
     )
@@ -263,6 +268,13 @@ class Submission:
             existing = _existing(session, tenant_id, idempotency_key, body_hash)
             if existing is not None:
                 return self._repeat_of(existing)
+        admit_job(
+            session=session,
+            tenant_id=tenant_id,
+            docs=intake.accepted + len(intake.rejected),
+            priority=options.priority,
+            settings=self.settings,
+        )
         if intake.rejected and options.on_invalid == "skip":
             self.storage.put_jsonl(
                 rejected_lines_key(self.job_id),
@@ -280,6 +292,7 @@ class Submission:
             tenant_id=tenant_id,
             spec=spec,
             spill=options.spill,
+            priority=options.priority,
             deadline=options.deadline_at(datetime.now(UTC)),
             metadata=options.metadata,
             idempotency_key=idempotency_key,

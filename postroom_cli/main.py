@@ -30,6 +30,7 @@ for name, command in (
 ):
     app.command(name)(command)
 app.add_typer(admin_commands.keys_app, name="keys")
+app.add_typer(admin_commands.tenants_app, name="tenants")
 app.add_typer(server_commands.model_app, name="model")
 app.add_typer(admin_commands.inbox_app, name="inbox")
 app.add_typer(webhook_commands.webhooks_app, name="webhooks")

@@ -25,17 +25,22 @@ def _eta(seconds: float | None) -> str:
 
 def queues_table(queues: list[dict[str, Any]]) -> Table:
     table = Table(title="queues", title_justify="left", expand=True)
-    for column in ("queue", "waiting shards", "waiting docs", "running shards", "running docs"):
+    columns = ("queue", "waiting shards", "waiting docs", "running shards", "running docs")
+    for column in (*columns, "workers"):
         table.add_column(column, justify="left" if column == "queue" else "right")
     for q in queues:
         busy = q["shards"] or q["running_shards"]
+        workers = q.get("workers", 0)
+        # Work waiting with no live worker: what an autoscaler starting from zero acts on.
+        unserved = bool(q["shards"]) and not workers
         table.add_row(
             q["queue"],
             f"{q['shards']:,}",
             f"{q['documents']:,}",
             f"{q['running_shards']:,}",
             f"{q['running_documents']:,}",
-            style=None if busy else "dim",
+            "none: waiting for a worker" if unserved else str(workers),
+            style="bold red" if unserved else None if busy else "dim",
         )
     return table
 

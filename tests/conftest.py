@@ -121,8 +121,9 @@ def settings(
         s3_bucket=f"postroom-test-{secrets.token_hex(3)}",
         tiny_model_dir=tiny_model_dir,
         standin_url=standin.url,
-        # "unserved" is in the registry but no worker hosts it: jobs for it must be refused.
-        aliases=["unserved"],
+        # "unserved" is in the registry but no worker hosts it: jobs for it are accepted and wait;
+        # "scaled" gets its worker only once work waits (tests/e2e/test_scale_from_zero.py).
+        aliases=["unserved", "scaled"],
         broker_key_prefix=broker_key_prefix,
         shard_size=100,
         worker_models=["tiny", "minilm"],

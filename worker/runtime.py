@@ -78,6 +78,7 @@ class Runtime:
         self.classifier: Classifier | None = None
         self._leases: dict[tuple[uuid.UUID, int], int] = {}
         self._leases_lock = threading.Lock()
+        self._recent_jobs: list[uuid.UUID] = []
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self.docs_done = 0
@@ -126,10 +127,18 @@ class Runtime:
     def hold(self, job_id: uuid.UUID, shard_no: int, attempt: int) -> None:
         with self._leases_lock:
             self._leases[(job_id, shard_no)] = attempt
+            # The last job worked stays preferred while this worker is between shards.
+            self._recent_jobs = [job_id]
 
     def drop(self, job_id: uuid.UUID, shard_no: int) -> None:
         with self._leases_lock:
             self._leases.pop((job_id, shard_no), None)
+
+    def jobs_in_hand(self) -> set[uuid.UUID]:
+        """Jobs this worker runs a shard of: the claim policy prefers them on a tie (prefix
+        cache)."""
+        with self._leases_lock:
+            return {job_id for job_id, _ in self._leases} | set(self._recent_jobs)
 
     def shards_in_flight(self) -> int:
         with self._leases_lock:

@@ -12,6 +12,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from postroom.jobs import WorkOrder, work_order
 from postroom.keys import input_shard_key, result_shard_key
 from postroom.logs import bound
 from postroom.metrics import SHARDS, observe_shard
+from postroom.policy import ClaimContended, claim_best
 from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task, publish_and_record
 from postroom.results import result_line, upsert_results
 from postroom.shards import (
@@ -43,6 +45,7 @@ from worker.spill import SpillUnavailable
 logger = logging.getLogger(__name__)
 
 TRANSIENT = (
+    ClaimContended,
     StorageError,
     OperationalError,
     ModelNotHosted,
@@ -57,8 +60,10 @@ def register_tasks(app: Celery) -> None:
         """Classify one shard; see the module docstring for why a second run is harmless."""
         runtime = get_runtime()
         with bound(job_id=job_id, shard_no=shard_no, task_id=self.request.id, route=runtime.route):
+            # The doorbell's queue: the claim takes the best shard of it (postroom.policy).
+            queue = (self.request.delivery_info or {}).get("routing_key") or ""
             try:
-                return run_shard(runtime, uuid.UUID(job_id), shard_no, celery=self.app)
+                return run_shard(runtime, uuid.UUID(job_id), shard_no, celery=self.app, queue=queue)
             except EngineDeadError:
                 logger.critical("engine died; exiting so the supervisor restarts this worker")
                 os._exit(70)
@@ -71,19 +76,30 @@ def register_tasks(app: Celery) -> None:
 
 
 def run_shard(
-    runtime: Runtime, job_id: uuid.UUID, shard_no: int, *, celery: Celery
+    runtime: Runtime, job_id: uuid.UUID, shard_no: int, *, celery: Celery, queue: str = ""
 ) -> dict[str, Any]:
-    """Admission first, claim second: a shard under suspicion (it was in flight when a worker
-    died, or it is a part of a split) runs alone in this worker, and nothing else is even claimed
-    meanwhile, so a crash while it runs is pinned on it and on no other shard."""
+    """A doorbell means "a shard of this queue waits": claim the best one by policy.
+
+    Admission first, claim second: a shard under suspicion (it was in flight when a worker
+    died, or it is a part of a split) is claimed only by name, from a message naming it, and
+    runs alone in this worker: nothing else is even claimed meanwhile, so a crash while it runs
+    is pinned on it and on no other shard. Any other message claims by policy (postroom.policy).
+    """
     with runtime.sessions() as session:
         peek = shard_admission(session=session, job_id=job_id, shard_no=shard_no)
-    if peek is None:
-        logger.warning("no such shard: the message is stale")
+    if peek is not None and peek.claimable and not queue:
+        queue = peek.queue
+    suspect = peek is not None and (
+        peek.attempt - peek.releases > 0 or shard_no >= peek.shard_count
+    )
+    if peek is not None and peek.claimable and suspect:
+        with runtime.admission(exclusive=True):
+            return _run_admitted(runtime, lambda: _claim(runtime, job_id, shard_no), celery=celery)
+    if not queue:
+        logger.warning("no such shard and no queue: the message is stale")
         return {"claimed": False}
-    suspect = peek.attempt - peek.releases > 0 or shard_no >= peek.shard_count
-    with runtime.admission(exclusive=suspect):
-        return _run_admitted(runtime, job_id, shard_no, celery=celery)
+    with runtime.admission(exclusive=False):
+        return _run_admitted(runtime, lambda: _claim_best(runtime, queue), celery=celery)
 
 
 @dataclass
@@ -111,13 +127,19 @@ class ShardRun:
 
 
 def _run_admitted(
-    runtime: Runtime, job_id: uuid.UUID, shard_no: int, *, celery: Celery
+    runtime: Runtime, claim: Callable[[], ShardRun | None], *, celery: Celery
 ) -> dict[str, Any]:
-    run = _claim(runtime, job_id, shard_no)
+    run = claim()
     if run is None:
-        logger.info("shard not claimable (done, running elsewhere or cancelled): no-op")
+        logger.info("nothing claimable (done, running elsewhere or cancelled): no-op")
         return {"claimed": False}
-    attempt = run.claimed.attempt
+    # The shard claimed, which need not be the one the message named.
+    with bound(job_id=str(run.job_id), shard_no=run.shard_no):
+        return _work(runtime, run, celery=celery)
+
+
+def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
+    job_id, shard_no, attempt = run.job_id, run.shard_no, run.claimed.attempt
     runtime.hold(job_id, shard_no, attempt)
     try:
         docs = list(runtime.storage.iter_jsonl(input_shard_key(job_id, shard_no)))
@@ -144,6 +166,7 @@ def _run_admitted(
 
 
 def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | None:
+    started = time.monotonic()
     with runtime.sessions.begin() as session:
         claimed = claim_shard(
             session=session,
@@ -156,7 +179,28 @@ def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | Non
         if claimed is None:
             return None
         order = work_order(session=session, job_id=job_id)
-    run = ShardRun(job_id, shard_no, claimed, order)
+    run = ShardRun(job_id, shard_no, claimed, order, marks={"started": started})
+    run.mark("claimed")
+    return run
+
+
+def _claim_best(runtime: Runtime, queue: str) -> ShardRun | None:
+    started = time.monotonic()
+    with runtime.sessions.begin() as session:
+        got = claim_best(
+            session=session,
+            queue=queue,
+            worker=runtime.name,
+            lease_seconds=runtime.settings.lease_seconds,
+            route=runtime.route,
+            settings=runtime.settings,
+            prefer=runtime.jobs_in_hand(),
+        )
+        if got is None:
+            return None
+        job_id, shard_no, claimed = got
+        order = work_order(session=session, job_id=job_id)
+    run = ShardRun(job_id, shard_no, claimed, order, marks={"started": started})
     run.mark("claimed")
     return run
 

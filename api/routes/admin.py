@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 from sqlalchemy import and_, or_, select
 
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, SessionDep, SettingsDep
 from api.pages import decode_cursor, encode_cursor
 from postroom.db.models import Job, Tenant
 from postroom.errors import NotFound
+from postroom.quotas import set_overrides, tenant_overview
 from postroom.tenants import KeyInfo, list_keys, revoke_key
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], include_in_schema=False)
@@ -159,3 +160,42 @@ def revoke(prefix: Prefix, _: AdminDep, session: SessionDep) -> AdminKeyList:
     return AdminKeyList(
         data=[_key(k) for k in list_keys(session=session, prefix=prefix)], next_cursor=None
     )
+
+
+class TenantLimitsPatch(BaseModel):
+    """Overrides to set on a tenant; a field sent as null goes back to the deployment's setting,
+    a field left out stays as it is."""
+
+    model_config = {"extra": "forbid"}
+
+    weight: float | None = None
+    max_priority: Literal["high", "normal", "low"] | None = None
+    quota_docs_waiting: int | None = None
+    quota_docs_per_day: int | None = None
+    quota_running_shards: int | None = None
+
+
+class AdminTenantList(BaseModel):
+    data: list[dict[str, Any]]
+
+
+@router.get("/tenants")
+def list_tenants(
+    _: AdminDep, session: SessionDep, settings: SettingsDep, name: str | None = None
+) -> AdminTenantList:
+    """Every tenant (or `?name=`): overrides, effective limits and current use."""
+    return AdminTenantList(data=tenant_overview(session=session, settings=settings, name=name))
+
+
+@router.patch("/tenants/{name}")
+def patch_tenant(
+    name: Annotated[str, Path(min_length=1, max_length=200)],
+    body: TenantLimitsPatch,
+    _: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> AdminTenantList:
+    """Set a tenant's weight, maximum priority and quotas (created if new)."""
+    set_overrides(session=session, name=name, changes=body.model_dump(exclude_unset=True))
+    session.commit()
+    return AdminTenantList(data=tenant_overview(session=session, settings=settings, name=name))

@@ -151,6 +151,7 @@ async def upload_job(
     max_spill_cost: Annotated[float | None, Query(ge=0, description="$ cap on spill")] = None,
     webhook_url: Annotated[str | None, Query(description="target of the job's events")] = None,
     expires_after: Annotated[int | None, Query(gt=0, description="purge N s after end")] = None,
+    priority: Literal["high", "normal", "low"] = "normal",
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -174,6 +175,7 @@ async def upload_job(
         max_spill_cost,
         webhook_url,
         expires_after,
+        priority,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions

@@ -38,6 +38,7 @@ class QueueStatus(BaseModel):
     documents: int = Field(description="documents of the waiting shards")
     running_shards: int
     running_documents: int
+    workers: int = Field(description="live workers serving this queue; 0 with work = waiting")
 
 
 class WorkerStatus(BaseModel):
@@ -146,7 +147,11 @@ def get_status(
         generated_at=now,
         queues=[
             QueueStatus(**depth.__dict__)
-            for depth in queue_depths(session=session, queues=shard_queues(settings))
+            for depth in queue_depths(
+                session=session,
+                queues=shard_queues(settings),
+                alive_since=now - timedelta(seconds=settings.gpu_dead_after),
+            )
         ],
         workers_alive=dict(sorted(Counter(w.route for w in workers if w.alive).items())),
         workers=workers if caller.is_admin else [],

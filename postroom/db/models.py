@@ -53,6 +53,12 @@ class Tenant(Base):
     # (Standard Webhooks `whsec_…`, made on first use).
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    # Claim policy and quotas; NULL = the deployment's setting (POSTROOM_TENANT_*, _QUOTA_*).
+    weight: Mapped[float | None] = mapped_column(Float)
+    max_priority: Mapped[str | None] = mapped_column(String(8))
+    quota_docs_waiting: Mapped[int | None] = mapped_column(BigInteger)
+    quota_docs_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    quota_running_shards: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -81,6 +87,12 @@ class Job(Base):
             ),
         ),
         Index("ix_jobs_deleted", "deleted_at", postgresql_where=text("deleted_at IS NOT NULL")),
+        # The claim policy ranks the active jobs only.
+        Index(
+            "ix_jobs_active",
+            "created_at",
+            postgresql_where=text("status IN ('validating', 'queued', 'running')"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -90,6 +102,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(100))
     spill: Mapped[str] = mapped_column(String(8), default="auto")
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
     job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
@@ -126,6 +139,18 @@ class Shard(Base):
             "ix_shards_unwritten",
             "finished_at",
             postgresql_where=text("state = 'done' AND results_written_at IS NULL"),
+        ),
+        # Claim by policy: a job's next claimable shard of a queue, and whether it has one.
+        Index(
+            "ix_shards_claimable",
+            "job_id",
+            "queue",
+            "shard_no",
+            postgresql_where=text("state IN ('queued', 'expired')"),
+        ),
+        # Fair share: each tenant's recent work.
+        Index(
+            "ix_shards_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")
         ),
     )
 

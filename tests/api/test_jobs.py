@@ -54,7 +54,7 @@ def test_bad_label_sets_are_refused(client: Client) -> None:
         assert needle.strip() in " ".join(d["reason"] for d in error["details"])
 
 
-def test_unserved_model_is_refused_with_the_served_list(client: Client) -> None:
+def test_a_model_not_in_the_registry_is_refused_with_the_registry(client: Client) -> None:
     response = client.http.post(
         "/v1/jobs", json={"labels": LABELS, "documents": make_docs(1), "model": "gpt-9"}
     )
@@ -62,7 +62,7 @@ def test_unserved_model_is_refused_with_the_served_list(client: Client) -> None:
     error = response.json()["error"]
     assert error["code"] == "unknown_model"
     assert "tiny" in error["message"]
-    assert "tiny" in error["details"][0]["served"]
+    assert "tiny" in error["details"][0]["registered"]
 
 
 def test_list_pagination_and_bad_cursor(client: Client) -> None:

@@ -1,5 +1,6 @@
 """The model registry through the pipeline: one worker hosting an embedding and a generative alias,
-results tagged with alias and revision, unserved aliases refused, real labels from MiniLM."""
+results tagged with alias and revision, a registered alias accepted with or without a worker,
+real labels from MiniLM."""
 
 from __future__ import annotations
 
@@ -52,14 +53,26 @@ def test_one_worker_serves_both_aliases_and_tags_results(
     assert jobs["minilm"]["revision"] == "all-MiniLM-L6-v2@gt-0.1.0"
 
 
-def test_alias_no_worker_serves_is_refused_with_the_served_list(client: Client) -> None:
+def test_a_registered_alias_no_worker_serves_is_accepted_and_waits(client: Client) -> None:
     response = client.http.post(
-        "/v1/jobs", json={"labels": LABELS, "documents": make_docs(1), "model": "unserved"}
+        "/v1/jobs",
+        json={"labels": LABELS, "documents": make_docs(1), "model": "unserved", "spill": "never"},
+    )
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued"
+    assert job["status_detail"] == "waiting for a worker serving unserved"
+    client.cancel(job["id"])
+
+
+def test_an_alias_not_in_the_registry_is_refused_with_the_registry(client: Client) -> None:
+    response = client.http.post(
+        "/v1/jobs", json={"labels": LABELS, "documents": make_docs(1), "model": "nope"}
     )
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "unknown_model"
-    assert error["details"][0]["served"] == ["minilm", "tiny"]
+    assert set(error["details"][0]["registered"]) >= {"minilm", "tiny", "unserved"}
 
 
 def test_mode_without_model_picks_a_served_alias_of_that_mode(client: Client) -> None:

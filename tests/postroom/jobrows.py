@@ -4,6 +4,7 @@ tests start from here."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +33,8 @@ def make_job(
     queue: str = "gpu.rows",
     rejected: tuple[Rejected, ...] = (),
     tenant: str | None = None,
+    priority: str = "normal",
+    deadline: datetime | None = None,
 ) -> uuid.UUID:
     """A committed job with shards of these sizes on `queue`, for a tenant of its own."""
     job_id = uuid.uuid4()
@@ -44,7 +47,8 @@ def make_job(
                 tenant_id=tenant_id,
                 spec=SPEC,
                 spill="auto",
-                deadline=None,
+                priority=priority,
+                deadline=deadline,
                 metadata=None,
                 idempotency_key=None,
                 body_hash=None,
