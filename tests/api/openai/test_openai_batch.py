@@ -19,9 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.openai.output import answer_content
 from api.openai.requests import LineError, Request, parse_request
+from control.webhooks import make_http, send_due
 from postroom.settings import Settings
-from postroom.tenants import create_key
+from postroom.tenants import create_key, ensure_tenant
+from postroom.webhook_signing import verify
+from postroom.webhooks import set_tenant_url
 from postroom_cli.client import Client
+from postroom_cli.local import free_port
+from tests.control.test_webhooks import Receiver
 from tests.helpers import LABELS, make_docs, wait_for_status
 from tests.stack import label_response_format
 from tests.waiting import wait_until
@@ -406,3 +411,47 @@ def test_request_bodies_map_to_labels_and_answers(settings: Settings) -> None:
         assert error.value.message.startswith("line 7")
     with pytest.raises(LineError, match="differ"):
         parse(postroom={"labels": ["a", "b"]})
+
+
+def test_a_batch_that_ends_sends_its_signed_batch_event(
+    api_url: str, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    # Given a tenant whose default webhook target is a receiver on loopback
+    tenant = f"batch-hooks-{uuid.uuid4().hex[:8]}"
+    with sessions.begin() as session:
+        key = create_key(session=session, tenant=tenant)
+    receiver = Receiver(free_port())
+    receiver.start()
+    with sessions.begin() as session:
+        set_tenant_url(
+            session=session, tenant_id=ensure_tenant(session=session, name=tenant), url=receiver.url
+        )
+    secret = Client(api_url, key).webhooks()["secret"]
+    client = sdk(api_url, key)
+    # When one batch runs to its end and another is cancelled as soon as it is made
+    docs = make_docs(400, prefix="w")
+    ran = create(client, [request(d["id"], d["text"]) for d in docs[:20]])
+    cancelled = create(client, [request(d["id"], d["text"]) for d in docs[20:]])
+    client.batches.cancel(cancelled.id)
+    ended = {b.id: wait_ended(client, b.id).status for b in (ran, cancelled)}
+    assert ended == {ran.id: "completed", cancelled.id: "cancelled"}
+    sender = settings.model_copy(update={"webhook_allow_private": True})
+    try:
+        with make_http(sender) as http:
+
+            def both_sent() -> list[dict[str, Any]] | None:
+                send_due(sessions=sessions, settings=sender, http=http)
+                events = [json.loads(body) for _, body, _ in receiver.received]
+                batch_events = [e for e in events if e["type"].startswith("batch.")]
+                return batch_events if len(batch_events) >= 2 else None
+
+            batch_events = wait_until(both_sent, timeout=60, what="both batch events sent")
+    finally:
+        receiver.stop()
+    # Then each batch's event names how it ended, once, signed with the tenant's secret
+    assert sorted((e["data"]["id"], e["type"]) for e in batch_events) == sorted(
+        (batch_id, f"batch.{status}") for batch_id, status in ended.items()
+    )
+    assert all(e["data"]["object"] == "batch" for e in batch_events)
+    for headers, body, _ in receiver.received:
+        verify(secret, headers, body)
