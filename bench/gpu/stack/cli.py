@@ -1,0 +1,131 @@
+"""Arguments, the run over shapes, the JSON report and its table (also for merged reports)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.gpu.stack import __doc__ as DOC
+from bench.gpu.stack.measure import run_shape
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=DOC, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default="0.5b", help="tiny, 0.5b, 1.5b (comma-separated)")
+    p.add_argument("--docs", type=int, default=30000)
+    p.add_argument("--warm-docs", type=int, default=512, help="a warm-up job first")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--engine", default="t32k", help="engine settings of bench/gpu/config.ENGINES")
+    p.add_argument("--raw-repeats", type=int, default=2, help="(a) passes; 0 skips (a)")
+    p.add_argument("--concurrency", type=int, default=8, help="postroom worker --concurrency")
+    p.add_argument("--shard-size", type=int, default=256, help="POSTROOM_SHARD_SIZE")
+    p.add_argument("--inflight-factor", type=float, default=4.0)
+    p.add_argument("--faults", default="", help="after (b): kill-worker,restart-redis")
+    p.add_argument("--fault-at", type=float, default=0.3, help="share of the job done")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024, help="CPU only")
+    p.add_argument("--host-cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--work-dir", default="/tmp/postroom-stack")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu-stack.json"))
+    p.add_argument("--log", default=None, help="full log (work dir)")
+    p.add_argument("--verbose", action="store_true", help="echo the children's output")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge reports, print the table")
+    return p.parse_args(argv)
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
+    log_path = Path(opts.log or Path(opts.work_dir) / "stack.log")
+
+    def log(line: str, echo: bool = True) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        with log_path.open("a") as log_file:
+            log_file.write(stamped + "\n")
+        if echo:
+            print(stamped, flush=True)
+
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": opts.device,
+        "shapes": {},
+    }
+    for shape in opts.shapes.split(","):
+        report["shapes"][shape] = run_shape(opts, shape, log)
+        write(report, opts.out)
+    return report
+
+
+def write(report: dict[str, Any], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1, default=str))
+
+
+def merge(paths: Sequence[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"runs": [], "shapes": {}}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        merged["runs"].append({k: report.get(k) for k in ("command", "started", "device")})
+        for shape, result in report.get("shapes", {}).items():
+            merged["shapes"].setdefault(shape, {}).update(result)
+    return merged
+
+
+def table(report: dict[str, Any]) -> str:
+    roles = ("api", "worker", "engine", "postgres", "redis", "moto", "beat")
+    head = (
+        "| shape | docs | (a) docs/s | (b) docs/s | (b)/(a) | checked | "
+        + " | ".join(roles)
+        + " | cores/GPU | GPUs fed |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    faults = []
+    for shape, r in report["shapes"].items():
+        b, a = r.get("b") or {}, r.get("a") or {}
+        per_k = b.get("cpu_s_per_1000_docs", {})
+        verdict = b.get("verdict", {})
+        checked = "all" if verdict.get("clean") else f"{verdict}"
+        feed = r.get("feed", {})
+        lines.append(
+            f"| {shape} | {r.get('docs')} | {a.get('docs_per_s', '-')} | "
+            f"{b.get('docs_per_s', '-')} | {r.get('ratio_b_over_a', '-')} | {checked} | "
+            + " | ".join(str(per_k.get(role, "-")) for role in roles)
+            + f" | {feed.get('cores_per_gpu', '-')} | {feed.get('gpus_fed', '-')} |"
+        )
+        for kind in ("kill-worker", "restart-redis"):
+            if f := r.get(kind):
+                v, info = f["verdict"], f.get("fault") or {}
+                faults.append(
+                    f"| {shape} | {kind} | {f['docs']} | {f['seconds']} | "
+                    f"{info.get('recovered_s', '-')} | {info.get('engine_restart_s', '-')} | "
+                    f"{v['lost']} | {v['duplicated']} | {v['unexpected']} | {v['stuck']} |"
+                )
+    if faults:
+        lines += [
+            "",
+            "| shape | fault | docs | job s | progress again after s | engine up after s | "
+            "lost | duplicated | unexpected | stuck |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *faults,
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if opts.merge:
+        report = merge(opts.merge)
+        write(report, opts.out)
+    else:
+        report = run(opts)
+    print(table(report), flush=True)
+    print(f"JSON: {opts.out}", flush=True)
+    return 0
