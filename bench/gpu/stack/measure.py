@@ -68,6 +68,7 @@ def stack_settings(opts: argparse.Namespace, cfg: dict[str, Any]) -> Settings:
         doc_max_tokens=MAX_MODEL_LEN,
         shard_size=opts.shard_size,
         worker_concurrency=opts.concurrency,
+        lease_seconds=opts.lease_seconds,
     )
 
 
@@ -198,7 +199,10 @@ def feed(run: dict[str, Any], host_cores: int) -> dict[str, Any]:
     }
 
 
-def run_shape(opts: argparse.Namespace, shape: str, log: Log) -> dict[str, Any]:
+def run_shape(
+    opts: argparse.Namespace, shape: str, log: Log, save: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """The shape's result; `save(partial)` after each phase (a run cut short keeps those)."""
     cfg = child_cfg(opts, shape)
     out: dict[str, Any] = {"shape": shape, "docs": opts.docs, "engine": cfg["engine"]}
     log(f"== {shape}: the model and {opts.docs} documents")
@@ -210,6 +214,7 @@ def run_shape(opts: argparse.Namespace, shape: str, log: Log) -> dict[str, Any]:
         log(f"== {shape}: (a) raw LLM.generate x{opts.raw_repeats}")
         out["a"] = raw_summary(run_child("raw", cfg, timeout=1200, log=log))
         log(f"   (a) {out['a']}")
+        save(out)
     work = Path(cfg["work_dir"]) / "stack"
     worker_args = ["--concurrency", str(opts.concurrency)]
     stack = GpuStack(work, stack_settings(opts, cfg), worker_args=worker_args)
@@ -233,6 +238,7 @@ def run_shape(opts: argparse.Namespace, shape: str, log: Log) -> dict[str, Any]:
             result["cpu_s_per_1000_docs"] = per_thousand(result)
             log(f"   {name}: {result['docs_per_s']} docs/s, verdict {result['verdict']}")
             out[name] = result
+            save(out)
     finally:
         stack.stop()
         stack.remove()
