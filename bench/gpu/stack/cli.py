@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.gpu.stack import __doc__ as DOC
 from bench.gpu.stack.measure import run_shape
+from bench.gpu.stack.plot import plot
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -75,50 +76,73 @@ def write(report: dict[str, Any], out: str) -> None:
 
 
 def merge(paths: Sequence[str]) -> dict[str, Any]:
-    merged: dict[str, Any] = {"runs": [], "shapes": {}}
-    for path in paths:
-        report = json.loads(Path(path).read_text())
-        merged["runs"].append({k: report.get(k) for k in ("command", "started", "device")})
-        for shape, result in report.get("shapes", {}).items():
-            merged["shapes"].setdefault(shape, {}).update(result)
-    return merged
+    """Several runs (each one device call) side by side, whole."""
+    return {"runs": [json.loads(Path(path).read_text()) for path in paths]}
+
+
+def first_result_s(run: dict[str, Any]) -> float | None:
+    """Seconds from the upload's first byte to the first finished shard (from the timeline)."""
+    return next((t for t, done in run.get("timeline", []) if done > 0), None)
+
+
+def steady(run: dict[str, Any]) -> float | None:
+    """Docs/s once results flow: the job's documents over its time after the first shard."""
+    first = first_result_s(run)
+    return round(run["docs"] / (run["seconds"] - first), 1) if first else None
+
+
+ROLES_SHOWN = ("api", "worker", "engine", "postgres", "redis", "moto", "beat")
+
+
+def shape_row(shape: str, r: dict[str, Any]) -> str:
+    b, a = r.get("b") or {}, r.get("a") or {}
+    per_k = b.get("cpu_s_per_1000_docs", {})
+    verdict = b.get("verdict", {})
+    checked = "all" if verdict.get("clean") else f"{verdict}"
+    feed = r.get("feed", {})
+    return (
+        f"| {shape} | {r.get('docs')} | {a.get('docs_per_s', '-')} | "
+        f"{b.get('docs_per_s', '-')} | {r.get('ratio_b_over_a', '-')} | {b.get('upload_s', '-')} | "
+        f"{first_result_s(b) if b else '-'} | {steady(b) if b else '-'} | {checked} | "
+        + " | ".join(str(per_k.get(role, "-")) for role in ROLES_SHOWN)
+        + f" | {feed.get('cores_per_gpu', '-')} | {feed.get('gpus_fed', '-')} |"
+    )
+
+
+def fault_rows(shape: str, r: dict[str, Any]) -> list[str]:
+    rows, b = [], r.get("b")
+    for kind in ("kill-worker", "restart-redis"):
+        if f := r.get(kind):
+            v, info = f["verdict"], f.get("fault") or {}
+            extra = round(f["seconds"] - b["seconds"], 1) if b else "-"
+            rows.append(
+                f"| {shape} | {kind} | {f['docs']} | {info.get('done_at_fault', '-')} | "
+                f"{f['seconds']} | {extra} | {info.get('recovered_s', '-')} | "
+                f"{info.get('engine_restart_s', '-')} | "
+                f"{v['lost']} | {v['duplicated']} | {v['unexpected']} | {v['stuck']} |"
+            )
+    return rows
 
 
 def table(report: dict[str, Any]) -> str:
-    roles = ("api", "worker", "engine", "postgres", "redis", "moto", "beat")
     head = (
-        "| shape | docs | (a) docs/s | (b) docs/s | (b)/(a) | checked | "
-        + " | ".join(roles)
+        "| shape | docs | (a) docs/s | (b) docs/s | (b)/(a) | upload s | first result s | "
+        "(b) docs/s after it | checked in Postgres + S3 | "
+        + " | ".join(ROLES_SHOWN)
         + " | cores/GPU | GPUs fed |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    faults = []
-    for shape, r in report["shapes"].items():
-        b, a = r.get("b") or {}, r.get("a") or {}
-        per_k = b.get("cpu_s_per_1000_docs", {})
-        verdict = b.get("verdict", {})
-        checked = "all" if verdict.get("clean") else f"{verdict}"
-        feed = r.get("feed", {})
-        lines.append(
-            f"| {shape} | {r.get('docs')} | {a.get('docs_per_s', '-')} | "
-            f"{b.get('docs_per_s', '-')} | {r.get('ratio_b_over_a', '-')} | {checked} | "
-            + " | ".join(str(per_k.get(role, "-")) for role in roles)
-            + f" | {feed.get('cores_per_gpu', '-')} | {feed.get('gpus_fed', '-')} |"
-        )
-        for kind in ("kill-worker", "restart-redis"):
-            if f := r.get(kind):
-                v, info = f["verdict"], f.get("fault") or {}
-                faults.append(
-                    f"| {shape} | {kind} | {f['docs']} | {f['seconds']} | "
-                    f"{info.get('recovered_s', '-')} | {info.get('engine_restart_s', '-')} | "
-                    f"{v['lost']} | {v['duplicated']} | {v['unexpected']} | {v['stuck']} |"
-                )
+    faults: list[str] = []
+    for run in report.get("runs") or [report]:
+        for shape, r in run["shapes"].items():
+            lines.append(shape_row(shape, r))
+            faults += fault_rows(shape, r)
     if faults:
         lines += [
             "",
-            "| shape | fault | docs | job s | progress again after s | engine up after s | "
-            "lost | duplicated | unexpected | stuck |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | fault | docs | done at the fault | job s | s more than (b) | "
+            "progress again after s | engine up after s | lost | duplicated | unexpected | stuck |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *faults,
         ]
     return "\n".join(lines)
@@ -129,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.merge:
         report = merge(opts.merge)
         write(report, opts.out)
+        plot(report, Path(opts.out).with_suffix(".png"))
     else:
         report = run(opts)
     print(table(report), flush=True)

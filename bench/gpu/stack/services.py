@@ -68,7 +68,8 @@ class GpuStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.base = settings
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.restarts = 0
+        # CPU seconds of processes a fault replaced, so a role's total keeps counting them.
+        self.cpu_gone: dict[str, float] = dict.fromkeys(ROLES, 0.0)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -150,6 +151,9 @@ class GpuStack:
 
     def kill_worker(self) -> None:
         """kill -9 the worker's whole process group (the engine core with it), as a crash."""
+        last = self.cpu()
+        for role in ("worker", "engine"):
+            self.cpu_gone[role] = last[role]
         proc = self.procs.pop("worker")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -163,6 +167,7 @@ class GpuStack:
     def restart_redis_empty(self) -> None:
         """kill -9 the broker and delete its snapshot: it comes back on its port, empty."""
         directory = self.work / "redis"
+        self.cpu_gone["redis"] = self.cpu()["redis"]
         pid = int((directory / "valkey.pid").read_text().strip())
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -192,7 +197,7 @@ class GpuStack:
         out["postgres"] = tree_cpu(psutil.Process(int(lines[0])))
         pid = int((self.work / "redis" / "valkey.pid").read_text().strip())
         out["redis"] = tree_cpu(psutil.Process(pid))
-        return out
+        return {role: out[role] + self.cpu_gone[role] for role in ROLES}
 
     # -- stop --------------------------------------------------------------------------------
 
