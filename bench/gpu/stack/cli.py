@@ -32,6 +32,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--faults", default="", help="after (b): kill-worker,restart-redis")
     p.add_argument("--lease-seconds", type=int, default=120, help="POSTROOM_LEASE_SECONDS")
     p.add_argument("--fault-at", type=float, default=0.3, help="share of the job done")
+    p.add_argument("--load", default="", help="after (b): levels, e.g. 1,2,3 (x the GPU peak)")
+    p.add_argument("--load-seconds", type=float, default=30.0, help="arrivals per level")
+    p.add_argument("--load-deadline", type=float, default=20.0, help="each job's deadline, s")
+    p.add_argument("--load-latency", type=float, default=0.2, help="the stand-in's, s")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024, help="CPU only")
     p.add_argument("--host-cores", type=int, default=os.cpu_count() or 1)
@@ -124,6 +128,22 @@ def fault_rows(shape: str, r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def load_rows(shape: str, r: dict[str, Any]) -> list[str]:
+    load = r.get("load") or {}
+    rows = []
+    for lv in load.get("levels", []):
+        spill = round(lv["throughput_docs_per_s"] - lv["gpu_docs_per_s"], 1)
+        rows.append(
+            f"| {shape} | {lv['multiplier']:g}x {load['peak_docs_per_s']:.0f} | "
+            f"{lv['offered_docs_per_s']} | {lv['jobs']} | {lv['docs']} | {lv['completion_s']} | "
+            f"{lv['throughput_docs_per_s']} | {lv['gpu_docs_per_s']} | {spill} | "
+            f"{lv['peak_queue_docs']} | {lv['gpu_idle_while_backlog']:.1%} | "
+            f"{lv['spill_share']:.1%} | {lv['deadline_misses']}/{lv['jobs']} | {lv['failed']} | "
+            f"{lv['lost']} |"
+        )
+    return rows
+
+
 def table(report: dict[str, Any]) -> str:
     head = (
         "| shape | docs | (a) docs/s | (b) docs/s | (b)/(a) | upload s | first result s | "
@@ -133,10 +153,12 @@ def table(report: dict[str, Any]) -> str:
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     faults: list[str] = []
+    loads: list[str] = []
     for run in report.get("runs") or [report]:
         for shape, r in run["shapes"].items():
             lines.append(shape_row(shape, r))
             faults += fault_rows(shape, r)
+            loads += load_rows(shape, r)
     if faults:
         lines += [
             "",
@@ -144,6 +166,15 @@ def table(report: dict[str, Any]) -> str:
             "progress again after s | engine up after s | lost | duplicated | unexpected | stuck |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *faults,
+        ]
+    if loads:
+        lines += [
+            "",
+            "| shape | load x peak | offered docs/s | jobs | docs | done in s | docs/s | GPU | "
+            "spill | peak queue | GPU idle while work waits | spill share | deadline misses | "
+            "failed | lost |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *loads,
         ]
     return "\n".join(lines)
 

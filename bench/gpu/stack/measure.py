@@ -19,14 +19,16 @@ from typing import Any
 
 from bench.gpu.config import ENGINES, MAX_MODEL_LEN
 from bench.gpu.phases import run_child
-from bench.gpu.stack.services import ROLES, GpuStack
+from bench.gpu.stack.load import run_load, spill_settings
+from bench.gpu.stack.services import FINAL, ROLES, GpuStack
 from postroom.settings import ModelSpec, Settings
 from postroom.storage import Storage
+from postroom_cli.local import free_port
+from postroom_cli.standin import StandinServer
 from tests.faults.invariants import check
 
 Log = Callable[..., None]
 ALIAS = "bench"
-FINAL = ("completed", "failed", "cancelled")
 
 
 def child_cfg(opts: argparse.Namespace, shape: str) -> dict[str, Any]:
@@ -217,7 +219,13 @@ def run_shape(
         save(out)
     work = Path(cfg["work_dir"]) / "stack"
     worker_args = ["--concurrency", str(opts.concurrency)]
-    stack = GpuStack(work, stack_settings(opts, cfg), worker_args=worker_args)
+    settings = stack_settings(opts, cfg)
+    standin = None
+    if opts.load:
+        standin = StandinServer(free_port()).start()
+        standin.set_faults(latency=opts.load_latency)
+        settings = settings.model_copy(update=spill_settings(standin.url))
+    stack = GpuStack(work, settings, worker_args=worker_args, spill=bool(opts.load))
     started = time.monotonic()
     try:
         log(f"== {shape}: (b) the stack (logs {stack.logs})")
@@ -239,9 +247,18 @@ def run_shape(
             log(f"   {name}: {result['docs_per_s']} docs/s, verdict {result['verdict']}")
             out[name] = result
             save(out)
+        if opts.load:
+
+            def save_load(partial: dict[str, Any]) -> None:
+                out["load"] = partial
+                save(out)
+
+            out["load"] = run_load(stack, opts, work, log, save_load)
     finally:
         stack.stop()
         stack.remove()
+        if standin is not None:
+            standin.stop()
     b, a = out.get("b"), out.get("a", {})
     if b and a.get("docs_per_s"):
         out["ratio_b_over_a"] = round(b["docs_per_s"] / a["docs_per_s"], 3)

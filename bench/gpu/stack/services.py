@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ from postroom_cli.local import (
     wait_until,
 )
 
-ROLES = ("api", "worker", "engine", "postgres", "redis", "moto", "beat", "driver")
+FINAL = ("completed", "failed", "cancelled")
+ROLES = ("api", "worker", "engine", "postgres", "redis", "moto", "beat", "spill", "driver")
 
 
 def tree_cpu(root: psutil.Process, *, engine: bool | None = None) -> float:
@@ -62,8 +64,10 @@ def tree_cpu(root: psutil.Process, *, engine: bool | None = None) -> float:
 class GpuStack:
     """Start with `start()`, stop with `stop()`; `url`, `client`, `settings`, `sessions`."""
 
-    def __init__(self, work: Path, settings: Settings, *, worker_args: list[str]) -> None:
-        self.work, self.worker_args = work, worker_args
+    def __init__(
+        self, work: Path, settings: Settings, *, worker_args: list[str], spill: bool = False
+    ) -> None:
+        self.work, self.worker_args, self.spill = work, worker_args, spill
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.base = settings
@@ -102,6 +106,8 @@ class GpuStack:
         self.url = f"http://127.0.0.1:{port}"
         self._spawn("api", "api", "--host", "127.0.0.1", "--port", str(port))
         self._spawn("beat", "beat")
+        if self.spill:
+            self._spawn("spill", "worker", "--route", "spill", "--concurrency", "8")
         self.start_worker(wait=False)
         wait_until(
             lambda: http_ok(f"{self.url}/readyz"), timeout=120, what="API", alive=self.procs["api"]
@@ -147,6 +153,19 @@ class GpuStack:
 
         wait_until(ready, timeout=timeout, what="the worker's engine", alive=proc, interval=0.5)
 
+    def wait_jobs(self, job_ids: list[str], timeout: float) -> list[dict[str, Any]]:
+        """bench/load.py's interface: every job ended (raises after `timeout`)."""
+        end, results = time.monotonic() + timeout, []
+        for job_id in job_ids:
+            while (job := self.client.job(job_id))["status"] not in FINAL:
+                if time.monotonic() > end:
+                    raise TimeoutError(
+                        f"job {job_id} not done after {timeout:.0f}s: {job['counts']}"
+                    )
+                time.sleep(0.25)
+            results.append(job)
+        return results
+
     # -- faults ------------------------------------------------------------------------------
 
     def kill_worker(self) -> None:
@@ -191,6 +210,7 @@ class GpuStack:
             "engine": of("worker", engine=True),
             "moto": of("moto"),
             "beat": of("beat"),
+            "spill": of("spill"),
             "driver": sum(psutil.Process().cpu_times()[:2]),
         }
         lines = (self.work / "postgres" / "data" / "postmaster.pid").read_text().splitlines()
@@ -202,7 +222,7 @@ class GpuStack:
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        for role in ("worker", "beat", "api", "moto"):
+        for role in ("spill", "worker", "beat", "api", "moto"):
             if role in self.procs:
                 stop(self.procs.pop(role))
         with contextlib.suppress(AttributeError):
