@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.gpu.stack import __doc__ as DOC
 from bench.gpu.stack.measure import run_shape
-from bench.gpu.stack.plot import plot
+from bench.gpu.stack.plot import plot, plot_load
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = merge(opts.merge)
         write(report, opts.out)
         plot(report, Path(opts.out).with_suffix(".png"))
+        plot_load(report, Path(opts.out).with_name(Path(opts.out).stem + "-load.png"))
     else:
         report = run(opts)
     print(table(report), flush=True)

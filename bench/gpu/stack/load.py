@@ -28,17 +28,22 @@ def spill_settings(standin_url: str) -> dict[str, Any]:
     }
 
 
+def bench_module(name: str) -> Any:
+    """A module of bench/ (they import their siblings by name, so bench/ goes on sys.path)."""
+    import importlib
+
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
+    return importlib.import_module(name)
+
+
 def run_load(
     stack: GpuStack, opts: argparse.Namespace, work: Path, log: Any, save: Any
 ) -> dict[str, Any]:
     """The levels of opts.load; `save(partial)` after each (a run cut short keeps those)."""
-    if str(BENCH) not in sys.path:  # bench/load.py imports its siblings by name
-        sys.path.append(str(BENCH))
-    import load as levels_of  # bench/load.py
-    from ceiling import write_docs  # bench/ceiling.py
-
+    levels_of = bench_module("load")
     path = work / "load-job.jsonl"
-    write_docs(path, levels_of.JOB_DOCS)
+    bench_module("ceiling").write_docs(path, levels_of.JOB_DOCS)
     peak = max(levels_of.burst(stack, path, levels_of.BURST_JOBS) for _ in range(2))
     log(f"   load: GPU peak {peak:.0f} docs/s (best of two bursts)")
     levels: list[dict[str, Any]] = []

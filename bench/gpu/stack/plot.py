@@ -20,6 +20,18 @@ def rate(timeline: list[list[float]]) -> tuple[list[float], list[float]]:
     return ts, rates
 
 
+def plot_load(report: dict[str, Any], out: Path) -> bool:
+    """bench/load.py's picture (queue and throughput over time per route) of the load levels."""
+    for run in report.get("runs") or [report]:
+        for r in run["shapes"].values():
+            if (load := r.get("load")) and load.get("levels"):
+                from bench.gpu.stack.load import bench_module
+
+                bench_module("load").plot(load["levels"], load["peak_docs_per_s"], out)
+                return True
+    return False
+
+
 def plot(report: dict[str, Any], out: Path) -> None:
     import matplotlib
 
