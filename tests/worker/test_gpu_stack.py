@@ -50,6 +50,7 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "--raw-repeats=0",
             "--faults=restart-redis",
             "--fault-at=0.1",
+            "--job-timeout=150",  # fails with the processes' log tails rather than hanging
             f"--work-dir={tmp_path / 'work'}",
             f"--out={out}",
         ]

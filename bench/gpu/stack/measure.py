@@ -83,8 +83,10 @@ def write_jsonl(path: Path, docs: list[dict[str, Any]]) -> None:
 class JobRun:
     """Upload a JSONL file, follow the job to its end (sampling progress), make a fault."""
 
-    def __init__(self, stack: GpuStack, data: dict[str, Any], log: Log) -> None:
-        self.stack, self.data, self.log = stack, data, log
+    def __init__(
+        self, stack: GpuStack, data: dict[str, Any], log: Log, timeout: float = 3600
+    ) -> None:
+        self.stack, self.data, self.log, self.timeout = stack, data, log, timeout
         self.params = {
             "labels": json.dumps(data["labels"]),
             "instructions": data["instructions"],
@@ -105,8 +107,11 @@ class JobRun:
                 faulted = self.fault(fault, done)
             if faulted and "recovered_s" not in faulted and done > faulted["done_at_fault"]:
                 faulted["recovered_s"] = round(time.time() - faulted["at"], 1)
-            if time.time() - t0 > 3600:
-                raise TimeoutError(f"job {job['id']} not done after an hour: {job['counts']}")
+            if time.time() - t0 > self.timeout:
+                raise TimeoutError(
+                    f"job {job['id']} not done after {self.timeout:.0f}s: {job['counts']}; "
+                    f"fault {faulted}\n{stack.log_tails()}"
+                )
             time.sleep(0.25)
         cpu1 = stack.cpu()
         seconds = datetime.fromisoformat(job["finished_at"]).timestamp() - t0
@@ -231,7 +236,7 @@ def run_shape(
         log(f"== {shape}: (b) the stack (logs {stack.logs})")
         stack.start()
         out["stack_start_s"] = round(time.monotonic() - started, 1)
-        runner = JobRun(stack, data, log)
+        runner = JobRun(stack, data, log, timeout=opts.job_timeout)
         warm_path, path = work / "warm.jsonl", work / "docs.jsonl"
         write_jsonl(warm_path, data["warm"])
         write_jsonl(path, data["docs"])

@@ -219,6 +219,14 @@ class GpuStack:
         out["redis"] = tree_cpu(psutil.Process(pid))
         return {role: out[role] + self.cpu_gone[role] for role in ROLES}
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of each process's log (for a job that does not finish)."""
+        out = []
+        for log in sorted(self.logs.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(tail))
+        return "\n".join(out)
+
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
