@@ -129,7 +129,9 @@ def _children(sessions: sessionmaker[Session], supervisor: int) -> dict[int, str
     """pid -> worker name of each live registered child of `supervisor`."""
     with sessions() as session:
         names = session.scalars(select(Worker.name).where(Worker.name.startswith("gpu@"))).all()
-    pids = {int(name.rsplit(":", 1)[1]): name for name in names}
+    # Worker names end with the pid (`gpu@host:pid`); rows other tests made by hand may not.
+    tails = {name: name.rpartition(":")[2] for name in names}
+    pids = {int(tail): name for name, tail in tails.items() if tail.isdigit()}
     return {pid: name for pid, name in pids.items() if _parent(pid) == supervisor}
 
 
