@@ -395,10 +395,19 @@ def test_every_process_logs_json_with_ids_and_no_document_text(
     # startup banner and vLLM's own log format, which are not ours: see the README.)
     api_lines = (logs_dir / "api.log").read_text(errors="replace").splitlines()
     assert [line for line in api_lines if line.strip() and not line.startswith("{")] == []
-    # Ids are bound from context: job, shard, task and route on the worker's shard summaries …
-    shards = [r for r in records["worker.log"] if r.get("job_id") == job["id"]]
-    done = [r for r in shards if r["msg"].startswith("shard done")]
-    assert len(done) == 2, shards
+
+    # Ids are bound from context: job, shard, task and route on the worker's shard summaries
+    # (each written after its shard's commit, so the last may follow the job's completion) …
+    def shard_summaries() -> list[dict[str, Any]] | None:
+        text = (logs_dir / "worker.log").read_text(errors="replace")
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        done = [
+            r for r in lines if r.get("job_id") == job["id"] and r["msg"].startswith("shard done")
+        ]
+        return done if len(done) >= 2 else None
+
+    done = wait_until(shard_summaries, timeout=30, what="both shard summaries logged")
+    assert len(done) == 2, done
     assert all({"shard_no", "task_id", "route"} <= set(r) for r in done)
     # … request and tenant on the API's line per write request
     writes = [r for r in records["api.log"] if r["msg"].startswith("POST /v1/jobs/upload 201")]
