@@ -7,12 +7,15 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom_cli.client import Client
 from postroom_cli.local import stop
 from tests.helpers import LABELS, make_docs, wait_for_status
 from tests.stack import start_worker
+
+pytestmark = pytest.mark.engine  # it starts `postroom worker` on vLLM itself
 
 ALIAS = "scaled"  # in the registry; no worker serves it until this test starts one
 
