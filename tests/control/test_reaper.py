@@ -5,33 +5,17 @@ holding more, with nothing fresh on it, drops the excess."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 
-import pytest
 import redis
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.reaper import ReapReport, reconcile_doorbells
 from postroom.db.models import Job, Shard
-from postroom.queue import Celery, make_celery, publish_shard, queue_depth
+from postroom.queue import Celery, publish_shard, queue_depth
 from postroom.settings import Settings
 from tests.postroom.jobrows import make_job
-
-
-@pytest.fixture
-def celery(settings: Settings) -> Iterator[Celery]:
-    app = make_celery(settings)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def broker(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.broker_url)
-    yield client
-    client.close()
 
 
 def test_doorbells_are_reconciled_both_ways(

@@ -4,7 +4,6 @@ Postgres and Redis."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.router import Spilled, plan_deadline, plan_take_back, route_tick
 from postroom.backlog import drain_rates
 from postroom.db.models import Job, Shard, Worker
-from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, make_celery, queue_depth
+from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, queue_depth
 from postroom.settings import Settings
 from postroom.tenants import ensure_tenant
 
@@ -207,20 +206,6 @@ def test_take_back_then_plan_with_the_same_numbers_moves_nothing(
 
 
 # -- a tick against Postgres and Redis
-
-
-@pytest.fixture
-def celery(settings: Settings) -> Iterator[Celery]:
-    app = make_celery(settings)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def broker(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.broker_url)
-    yield client
-    client.close()
 
 
 def _add_job(session: Session, *, tenant_id: uuid.UUID, model: str, **values: Any) -> uuid.UUID:
