@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -131,4 +132,11 @@ def send_due(
 
 
 def make_http(settings: Settings) -> httpx.Client:
-    return httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+    """The sender's client: certificates verified (against POSTROOM_WEBHOOK_CA_BUNDLE when set),
+    redirects never followed."""
+    verify: ssl.SSLContext | bool = True
+    if settings.webhook_ca_bundle:
+        verify = ssl.create_default_context(cafile=settings.webhook_ca_bundle)
+    return httpx.Client(
+        timeout=settings.webhook_timeout_seconds, follow_redirects=False, verify=verify
+    )

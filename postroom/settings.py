@@ -248,6 +248,9 @@ class Settings(BaseSettings):
     # Webhooks: targets must be https on a public address unless this allows http and loopback,
     # private and link-local addresses (tests, a receiver on the same host).
     webhook_allow_private: bool = False
+    # A PEM file of the CAs a receiver's certificate may chain to, instead of the system's (a
+    # private CA; the tests' own). The certificate is always checked against the URL's host name.
+    webhook_ca_bundle: str | None = None
     webhook_interval_seconds: PositiveFloat = 2.0
     webhook_timeout_seconds: PositiveFloat = 10.0
     # A delivery is retried with exponential backoff (capped) until this long after the event.
