@@ -49,13 +49,19 @@ class NewJob:
     priority: str = "normal"
 
 
+ALL_INVALID = "every document was invalid and skipped; each result says why"
+
+
 def create_job(*, session: Session, new: NewJob) -> Job:
     """Insert the job, its shards and the failed results of skipped lines (status `queued`)."""
     total = sum(new.shard_sizes) + len(new.rejected)
+    # Nothing to run: it ends as it is created, `failed` when every line it had was skipped.
+    ended = JobStatus.failed if new.rejected else JobStatus.completed
     job = Job(
         id=new.job_id,
         tenant_id=new.tenant_id,
-        status=JobStatus.queued if new.shard_sizes else JobStatus.completed,
+        status=JobStatus.queued if new.shard_sizes else ended,
+        error=ALL_INVALID if not new.shard_sizes and new.rejected else None,
         spec=new.spec.model_dump(mode="json"),
         model=new.spec.model,
         spill=new.spill,
@@ -98,8 +104,8 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         ]
         for start in range(0, len(rows), 1000):
             session.execute(insert(Result), rows[start : start + 1000])
-    if not new.shard_sizes:  # nothing to run: completed as it is created
-        enqueue_job_event(session=session, job_id=new.job_id, event="job.completed")
+    if not new.shard_sizes:
+        enqueue_job_event(session=session, job_id=new.job_id, event=f"job.{ended}")
     return job
 
 

@@ -226,8 +226,13 @@ def finish_shard(
     return True
 
 
+ALL_FAILED = "every document failed; each result says why (GET /v1/jobs/{id}/results?only=failed)"
+
+
 def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
-    """Set the job `completed` when no shard is left unfinished.
+    """Set the job `completed` when no shard is left unfinished, or `failed` when not one of its
+    documents succeeded (a job with some failed documents is `completed`); the webhook event
+    (job.completed or job.failed) commits with it.
 
     The job row is locked first so two workers finishing the last two shards at once cannot both
     miss each other's commit. FOR NO KEY UPDATE, not FOR UPDATE: the result rows this transaction
@@ -246,13 +251,23 @@ def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
     ).scalar_one()
     if unfinished:
         return False
+    succeeded = session.execute(
+        select(func.coalesce(func.sum(Shard.succeeded), 0)).where(Shard.job_id == job_id)
+    ).scalar_one()
+    total = session.execute(select(Job.total_docs).where(Job.id == job_id)).scalar_one()
+    failed = total > 0 and not succeeded
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(status=JobStatus.completed, finished_at=func.now())
+        .values(
+            status=JobStatus.failed if failed else JobStatus.completed,
+            finished_at=func.now(),
+            **({"error": ALL_FAILED} if failed else {}),
+        )
     )
-    enqueue_job_event(session=session, job_id=job_id, event="job.completed")
-    logger.info("job %s completed", job_id)
+    event = "job.failed" if failed else "job.completed"
+    enqueue_job_event(session=session, job_id=job_id, event=event)
+    logger.info("job %s %s", job_id, "failed: no document succeeded" if failed else "completed")
     return True
 
 

@@ -5,6 +5,7 @@ results upserted and shards finished through the same functions a worker calls, 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text, update
@@ -42,10 +43,12 @@ def finished_job(
     shard_size: int = 1000,
     storage: Storage | None = None,
     created_days_ago: int = 0,
+    result: Callable[[int], DocResult] = doc_result,
 ) -> uuid.UUID:
     """A completed job of `docs` documents for `tenant`; with `storage`, its input and result
-    shard objects are written too (what a real job leaves in S3). `created_days_ago` backdates
-    the job (its result rows then go to that day's partition, created here if missing)."""
+        shard objects are written too (what a real job leaves in S3). `created_days_ago` backdates
+        the job (its result rows then go to that day's partition, created here if missing). `result`
+    makes document n's result (every one failed: the job ends `failed`)."""
     sizes = tuple(min(shard_size, docs - start) for start in range(0, docs, shard_size))
     job_id = make_job(sessions, sizes=sizes, tenant=tenant)
     if created_days_ago:
@@ -54,7 +57,7 @@ def finished_job(
             session.execute(text(create_partition_sql(created.date())))
             session.execute(update(Job).where(Job.id == job_id).values(created_at=created))
     for shard_no, start in enumerate(range(0, docs, shard_size)):
-        results = [(n + 1, doc_result(n)) for n in range(start, start + sizes[shard_no])]
+        results = [(n + 1, result(n)) for n in range(start, start + sizes[shard_no])]
         if storage is not None:
             inputs = [{"id": r.id, "text": f"text {line}", "line": line} for line, r in results]
             storage.put_bytes(input_shard_key(job_id, shard_no), encode_jsonl(inputs))

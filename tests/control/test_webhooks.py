@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 import pytest
@@ -20,10 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
 from control.webhooks import make_http, send_due
+from postroom.db.models import Job
+from postroom.domain import DocResult
+from postroom.intake import Rejected
 from postroom.settings import Settings
 from postroom.tenants import ensure_tenant
 from postroom.webhook_signing import verify
-from postroom.webhooks import set_tenant_url
+from postroom.webhooks import set_tenant_url, tenant_secret
 from postroom_cli.client import Client
 from postroom_cli.local import free_port, postroom_command
 from tests.finished_jobs import finished_job
@@ -163,6 +167,68 @@ def test_a_receiver_gets_exactly_the_signed_events_after_being_down_and_answerin
     log = client.job_webhooks(str(sorted(ours)[0]))[0]
     assert log["state"] == "delivered"
     assert [entry["status"] for entry in log["log"]][-1] == 200
+
+
+def failure(n: int) -> DocResult:
+    return DocResult(id=f"doc-{n}", error="too_long: over the context")
+
+
+def test_a_job_where_no_document_succeeded_fails_and_its_receiver_gets_job_failed(
+    sessions: sessionmaker[Session], settings: Settings, receiver: Receiver
+) -> None:
+    # Given a tenant whose default target is a receiver on loopback
+    tenant = f"failed-hooks-{uuid.uuid4().hex[:8]}"
+    with sessions.begin() as session:
+        tenant_id = ensure_tenant(session=session, name=tenant)
+        set_tenant_url(session=session, tenant_id=tenant_id, url=receiver.url)
+        secret = tenant_secret(session=session, tenant_id=tenant_id)
+    receiver.start()
+    # When every document of one job errors in the worker, and another job's every line was
+    # invalid and skipped (and one job has a single success among failures)
+    every_error = finished_job(
+        sessions,
+        tenant=tenant,
+        docs=6,
+        shard_size=3,
+        result=failure,
+    )
+    bad = Rejected(line=1, id="x", field="text", reason="empty", result_id="x")
+    every_skipped = make_job(sessions, sizes=(), rejected=(bad,), tenant=tenant)
+    one_success = finished_job(
+        sessions,
+        tenant=tenant,
+        docs=4,
+        shard_size=2,
+        result=lambda n: DocResult(id=f"doc-{n}", label="a") if n == 3 else failure(n),
+    )
+    ours = {str(every_error), str(every_skipped), str(one_success)}
+    sender = settings.model_copy(
+        update={"webhook_allow_private": True, "webhook_backoff_base_seconds": 0.1}
+    )
+    with make_http(sender) as http:
+
+        def all_sent() -> dict[str, dict[str, Any]] | None:
+            send_due(sessions=sessions, settings=sender, http=http)
+            got = {json.loads(b)["data"]["id"]: json.loads(b) for _, b, s in receiver.received}
+            mine = {k: v for k, v in got.items() if k in ours}
+            return mine if len(mine) == len(ours) else None
+
+        events = wait_until(all_sent, timeout=60, what="the three events")
+    # Then the first two failed, with the event committed with the status, signed; the third
+    # (some documents succeeded) completed
+    assert {k: (e["type"], e["data"]["status"]) for k, e in events.items()} == {
+        str(every_error): ("job.failed", "failed"),
+        str(every_skipped): ("job.failed", "failed"),
+        str(one_success): ("job.completed", "completed"),
+    }
+    assert events[str(every_error)]["data"]["counts"] == {"total": 6, "succeeded": 0, "failed": 6}
+    assert "every document failed" in events[str(every_error)]["data"]["error"]
+    assert "invalid" in events[str(every_skipped)]["data"]["error"]
+    for headers, body, _ in receiver.received:
+        if json.loads(body)["data"]["id"] in ours:
+            verify(secret, headers, body)
+    with sessions() as session:
+        assert session.get_one(Job, every_error).status == "failed"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from postroom.db.models import Job, Result
 from postroom.domain import ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
-from postroom.jobs import cancel_job, find_job, job_counts, spend_by_route
+from postroom.jobs import ALL_INVALID, cancel_job, find_job, job_counts, spend_by_route
 from postroom.shards import claim_shard, finish_shard
 from tests.postroom.jobrows import claim, job_status, make_job, shard_row
 
@@ -30,12 +30,18 @@ def test_a_job_counts_its_skipped_lines_as_failed(sessions: sessionmaker[Session
     assert errors == ["invalid_document: line 4, field text: empty"]
 
 
-def test_a_job_with_only_skipped_lines_is_complete_at_once(
+def test_a_job_with_only_skipped_lines_fails_at_once(
     sessions: sessionmaker[Session],
 ) -> None:
     bad = Rejected(line=1, id="x", field="text", reason="empty", result_id="x")
     job_id = make_job(sessions, sizes=(), rejected=(bad,))
-    assert job_status(sessions, job_id) == "completed"
+    assert job_status(sessions, job_id) == "failed"
+    with sessions() as session:
+        assert session.get_one(Job, job_id).error == ALL_INVALID
+
+
+def test_a_job_with_no_lines_completes_at_once(sessions: sessionmaker[Session]) -> None:
+    assert job_status(sessions, make_job(sessions, sizes=())) == "completed"
 
 
 def test_other_tenants_jobs_are_not_found(sessions: sessionmaker[Session]) -> None:
