@@ -131,10 +131,11 @@ def finalize_object(deps: InboxDeps, row: InboxObject, *, status: str, attempt: 
         return
     with deps.sessions() as session:
         error = job_error(session=session, job_id=job_id)
+    ended = "failed: not one document succeeded" if status == JobStatus.failed else f"was {status}"
     reason = (
-        f"job {job_id} was {status}{f' ({error})' if error else ''} before every document "
-        f"finished; the results of those that did ({lines:,}) are in {results}. Change the "
-        "file's content (a blank line is enough) and upload it again to run it as a new job."
+        f"job {job_id} {ended}{f' ({error})' if error else ''}; the results of the documents "
+        f"that finished ({lines:,}) are in {results}. Change the file's content (a blank line "
+        "is enough) and upload it again to run it as a new job."
     )
     move_to_failed(deps, obj, reason)
     with deps.sessions.begin() as session:
