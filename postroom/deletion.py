@@ -1,5 +1,8 @@
 """Deleting a job: mark it (it answers 404 from then on, and what has not started is cancelled),
-then purge its S3 objects and rows in bounded batches, the job row last.
+then purge its S3 objects and its result rows, the job row last. A job with a partition of its
+own (postroom.partitions) loses its rows with that partition, detached CONCURRENTLY and dropped:
+nothing deleted row by row, so the jobs being written meanwhile do not slow down. A smaller
+job's rows are deleted in bounded batches.
 
 Safe to repeat and to resume after a crash at any step: the mark is a compare-and-set, every
 purge step deletes what is still there, and the job row (with `deleted_at`) stays until the
@@ -14,7 +17,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +39,7 @@ from postroom.keys import (
     outbox_results_key,
     output_file_id,
 )
+from postroom.partitions import drop_job_partition, results_part
 from postroom.shards import cancel_unclaimed
 from postroom.storage import Storage
 
@@ -54,6 +58,7 @@ class PurgeReport:
     waiting: int = 0
     objects: int = 0
     rows: int = 0
+    partition_dropped: bool = False
 
 
 def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> int:
@@ -149,13 +154,18 @@ def drop_folder_outputs(
 
 
 def delete_result_rows(
-    *, sessions: sessionmaker[Session], job_id: uuid.UUID, created_at: datetime, batch: int
+    *,
+    sessions: sessionmaker[Session],
+    job_id: uuid.UUID,
+    created_at: datetime,
+    part: uuid.UUID,
+    batch: int,
 ) -> int:
     """Delete the job's result rows `batch` at a time, each batch in its own short transaction,
     so no lock is held for long and other jobs' writers never wait behind a big delete, resting
     between batches as long as each took. The
-    job's creation time names its partition, so only that one is touched (and ctid, unique
-    only within a partition, is safe)."""
+    job's creation time and `part` name its partition, so only that one is touched (and ctid,
+    unique only within a partition, is safe)."""
     total = 0
     while True:
         started = time.monotonic()
@@ -163,10 +173,11 @@ def delete_result_rows(
             deleted: int = session.execute(
                 text(
                     "DELETE FROM results WHERE job_id = :job_id AND job_created_at = :created "
-                    "AND ctid = ANY(ARRAY(SELECT ctid FROM results WHERE job_id = :job_id "
-                    "AND job_created_at = :created LIMIT :batch))"
+                    "AND part = :part AND ctid = ANY(ARRAY(SELECT ctid FROM results "
+                    "WHERE job_id = :job_id AND job_created_at = :created AND part = :part "
+                    "LIMIT :batch))"
                 ),
-                {"job_id": job_id, "created": created_at, "batch": batch},
+                {"job_id": job_id, "created": created_at, "part": part, "batch": batch},
             ).rowcount  # type: ignore[attr-defined]
         total += deleted
         if deleted < batch:
@@ -192,12 +203,15 @@ def purge_job(
     """
     report = PurgeReport()
     with sessions() as session:
-        created_at = session.execute(
-            select(Job.created_at).where(Job.id == job_id, Job.deleted_at.is_not(None))
-        ).scalar_one_or_none()
-        if created_at is None:
+        job = session.execute(
+            select(Job.created_at, Job.own_partition).where(
+                Job.id == job_id, Job.deleted_at.is_not(None)
+            )
+        ).first()
+        if job is None:
             report.done = session.get(Job, job_id) is None
             return report
+        created_at = job.created_at
         report.waiting = shards_in_flight(session=session, job_id=job_id)
         dropped = drop_folder_outputs(session=session, job_id=job_id, inbox_prefix=inbox_prefix)
     if report.waiting:
@@ -206,8 +220,17 @@ def purge_job(
     for bucket, key in dropped:
         storage.delete(key, bucket=bucket)
     report.objects += len(dropped)
+    part = results_part(job_id, own_partition=job.own_partition)
+    if job.own_partition:
+        engine = sessions.kw["bind"].engine
+        dropped_partition = drop_job_partition(engine, created_at.astimezone(UTC).date(), job_id)
+        if dropped_partition is False:  # the table was busy: the next purge tries again
+            return report
+        report.partition_dropped = bool(dropped_partition)
+    # What is left: a small job's rows, or a big job's in a day made before its partitions were
+    # split (nothing, once its partition is dropped).
     report.rows = delete_result_rows(
-        sessions=sessions, job_id=job_id, created_at=created_at, batch=batch_rows
+        sessions=sessions, job_id=job_id, created_at=created_at, part=part, batch=batch_rows
     )
     with sessions.begin() as session:
         session.execute(delete(Shard).where(Shard.job_id == job_id))
@@ -218,7 +241,13 @@ def purge_job(
         # The batch row of an OpenAI batch, webhook rows and the rest go with the job (cascade).
         session.execute(delete(Job).where(Job.id == job_id))
     report.done = True
-    logger.info("job %s deleted: %d objects, %d result rows", job_id, report.objects, report.rows)
+    logger.info(
+        "job %s deleted: %d objects, %s, %d result rows deleted",
+        job_id,
+        report.objects,
+        "its partition dropped" if report.partition_dropped else "no partition of its own",
+        report.rows,
+    )
     return report
 
 

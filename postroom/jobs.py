@@ -20,6 +20,7 @@ from postroom.db.models import Job, Result, Shard
 from postroom.domain import JOB_ACTIVE, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
+from postroom.partitions import insert_routed, results_part
 from postroom.shards import add_shards, cancel_unclaimed
 from postroom.webhooks import enqueue_job_event
 
@@ -47,6 +48,7 @@ class NewJob:
     webhook_url: str | None = None
     expires_after: int | None = None
     priority: str = "normal"
+    own_partition: bool = False  # its result rows get a partition of their own
 
 
 ALL_INVALID = "every document was invalid and skipped; each result says why"
@@ -75,6 +77,7 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         estimate=new.estimate,
         webhook_url=new.webhook_url,
         expires_after=new.expires_after,
+        own_partition=new.own_partition,
         total_docs=total,
         rejected_docs=len(new.rejected),
         shard_count=len(new.shard_sizes),
@@ -87,11 +90,13 @@ def create_job(*, session: Session, new: NewJob) -> Job:
     )
     if new.rejected:
         created_at = job.created_at  # the server's now(), read back after the flush
+        part = results_part(new.job_id, own_partition=new.own_partition)
         rows = [
             {
                 "job_id": new.job_id,
                 "doc_id": r.result_id,
                 "job_created_at": created_at,
+                "part": part,
                 "shard_no": -1,
                 "line": r.line,
                 "error": f"invalid_document: line {r.line}"
@@ -102,8 +107,14 @@ def create_job(*, session: Session, new: NewJob) -> Job:
             }
             for r in new.rejected
         ]
-        for start in range(0, len(rows), 1000):
-            session.execute(insert(Result), rows[start : start + 1000])
+        insert_routed(
+            session,
+            insert(Result),
+            rows,
+            job_id=new.job_id,
+            job_created_at=created_at,
+            part=part,
+        )
     if not new.shard_sizes:
         enqueue_job_event(session=session, job_id=new.job_id, event=f"job.{ended}")
     return job
@@ -228,13 +239,20 @@ class WorkOrder:
     spec: JobSpec
     status: str
     shard_count: int
-    created_at: datetime  # the partition of the job's result rows
+    created_at: datetime  # with `part`, the partition of the job's result rows
+    part: uuid.UUID
 
 
 def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
     row = session.execute(
-        select(Job.spec, Job.status, Job.shard_count, Job.created_at).where(Job.id == job_id)
+        select(Job.spec, Job.status, Job.shard_count, Job.created_at, Job.own_partition).where(
+            Job.id == job_id
+        )
     ).one()
     return WorkOrder(
-        JobSpec.model_validate(row.spec), str(row.status), int(row.shard_count), row.created_at
+        JobSpec.model_validate(row.spec),
+        str(row.status),
+        int(row.shard_count),
+        row.created_at,
+        results_part(job_id, own_partition=row.own_partition),
     )

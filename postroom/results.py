@@ -7,12 +7,13 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from postroom.db.models import Result
+from postroom.db.models import Job, Result
 from postroom.domain import DocResult
+from postroom.partitions import insert_routed, results_part
 
 UPSERT_BATCH = 1000
 
@@ -50,12 +51,14 @@ def upsert_results(
     revision: str,
     results: Sequence[tuple[int, DocResult]],
     job_created_at: datetime,
+    part: uuid.UUID,
 ) -> None:
     """Write (line, result) pairs; a rerun rewrites the same rows, never adds new ones.
-    `job_created_at` is the job's created_at: it picks the rows' partition."""
+    `job_created_at` (the job's created_at) and `part` (its WorkOrder's) pick the rows'
+    partition, made here if it is missing."""
     stmt = insert(Result)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Result.job_id, Result.doc_id, Result.job_created_at],
+        index_elements=[Result.job_id, Result.doc_id, Result.job_created_at, Result.part],
         set_={
             col: stmt.excluded[col]
             for col in (
@@ -81,6 +84,7 @@ def upsert_results(
             "job_id": job_id,
             "doc_id": r.id,
             "job_created_at": job_created_at,
+            "part": part,
             "shard_no": shard_no,
             "line": line,
             "label": r.label,
@@ -97,8 +101,28 @@ def upsert_results(
         }
         for line, r in results
     ]
-    for start in range(0, len(rows), UPSERT_BATCH):
-        session.execute(stmt, rows[start : start + UPSERT_BATCH])
+    insert_routed(
+        session,
+        stmt,
+        rows,
+        job_id=job_id,
+        job_created_at=job_created_at,
+        part=part,
+        batch=UPSERT_BATCH,
+    )
+
+
+def of_job(*, session: Session, job_id: uuid.UUID) -> list[ColumnElement[bool]]:
+    """The conditions that pick a job's result rows, its partition keys among them, so a read
+    touches only the job's partition (a job with a partition of its own among many)."""
+    row = session.execute(select(Job.created_at, Job.own_partition).where(Job.id == job_id)).first()
+    if row is None:
+        return [Result.job_id == job_id]
+    return [
+        Result.job_id == job_id,
+        Result.job_created_at == row.created_at,
+        Result.part == results_part(job_id, own_partition=row.own_partition),
+    ]
 
 
 def iter_result_lines(
@@ -118,7 +142,7 @@ def iter_result_lines(
             Result.distribution,
             Result.truncated,
         )
-        .where(Result.job_id == job_id)
+        .where(*of_job(session=session, job_id=job_id))
         .order_by(Result.line)
         .execution_options(yield_per=chunk)
     )
@@ -155,7 +179,7 @@ def iter_result_lines(
 def count_results(*, session: Session, job_id: uuid.UUID) -> int:
     return int(
         session.execute(
-            select(func.count()).select_from(Result).where(Result.job_id == job_id)
+            select(func.count()).select_from(Result).where(*of_job(session=session, job_id=job_id))
         ).scalar_one()
     )
 
@@ -167,7 +191,7 @@ def shard_result_lines(
     as the worker writes it; JSONB does not keep key order)."""
     rows = session.scalars(
         select(Result)
-        .where(Result.job_id == job_id, Result.shard_no == shard_no)
+        .where(*of_job(session=session, job_id=job_id), Result.shard_no == shard_no)
         .order_by(Result.line)
     )
     lines = []

@@ -245,6 +245,11 @@ class Settings(BaseSettings):
     # Deleting or purging a job removes its result rows this many at a time, each batch its own
     # short transaction, so no long lock is held and a crash resumes where it stopped.
     delete_batch_rows: PositiveInt = 5_000
+    # A job of at least this many documents writes its results into a partition of its own, which
+    # deleting it drops (no rows deleted one by one, no load on the jobs being written); smaller
+    # jobs share their day's partition (0: every job shares). At 100 M documents a day this keeps
+    # at most 1,000 own partitions per day.
+    results_own_partition_docs: int = Field(default=100_000, ge=0)
     # Webhooks: targets must be https on a public address unless this allows http and loopback,
     # private and link-local addresses (tests, a receiver on the same host).
     webhook_allow_private: bool = False

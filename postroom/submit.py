@@ -302,6 +302,9 @@ class Submission:
             # `always` jobs go straight to the managed API; the router moves others when it must.
             queue=QUEUE_SPILL if options.spill == "always" else gpu_queue(spec.model),
             warnings=self.warnings,
+            own_partition=0
+            < self.settings.results_own_partition_docs
+            <= intake.accepted + len(intake.rejected),
         )
         try:
             with session.begin_nested():

@@ -8,14 +8,13 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Job
 from postroom.domain import DocResult
 from postroom.jobs import work_order
 from postroom.keys import input_shard_key, result_shard_key
-from postroom.partitions import create_partition_sql
 from postroom.results import result_line, upsert_results
 from postroom.shards import claim_shard, finish_shard, mark_results_written
 from postroom.storage import Storage, encode_jsonl
@@ -46,15 +45,14 @@ def finished_job(
     result: Callable[[int], DocResult] = doc_result,
 ) -> uuid.UUID:
     """A completed job of `docs` documents for `tenant`; with `storage`, its input and result
-        shard objects are written too (what a real job leaves in S3). `created_days_ago` backdates
-        the job (its result rows then go to that day's partition, created here if missing). `result`
-    makes document n's result (every one failed: the job ends `failed`)."""
+    shard objects are written too (what a real job leaves in S3). `created_days_ago` backdates
+    the job (its result rows then go to that day's partition, made on demand if missing).
+    `result` makes document n's result (every one failed: the job ends `failed`)."""
     sizes = tuple(min(shard_size, docs - start) for start in range(0, docs, shard_size))
     job_id = make_job(sessions, sizes=sizes, tenant=tenant)
     if created_days_ago:
         created = datetime.now(UTC) - timedelta(days=created_days_ago)
         with sessions.begin() as session:
-            session.execute(text(create_partition_sql(created.date())))
             session.execute(update(Job).where(Job.id == job_id).values(created_at=created))
     for shard_no, start in enumerate(range(0, docs, shard_size)):
         results = [(n + 1, result(n)) for n in range(start, start + sizes[shard_no])]
@@ -72,6 +70,7 @@ def finished_job(
             )
             assert claimed is not None
             fence = {"job_id": job_id, "shard_no": shard_no, "attempt": claimed.attempt}
+            order = work_order(session=session, job_id=job_id)
             upsert_results(
                 session=session,
                 **fence,
@@ -79,7 +78,8 @@ def finished_job(
                 model=SPEC.model,
                 revision=SPEC.revision,
                 results=results,
-                job_created_at=work_order(session=session, job_id=job_id).created_at,
+                job_created_at=order.created_at,
+                part=order.part,
             )
             failed = sum(1 for _, r in results if r.error)
             assert finish_shard(

@@ -243,6 +243,7 @@ def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool
             revision=spec.revision,
             results=[(int(d["line"]), r) for d, r in zip(docs, results, strict=True)],
             job_created_at=run.order.created_at,
+            part=run.order.part,
         )
         won = finish_shard(
             session=session,

@@ -32,6 +32,7 @@ from postroom.keys import (
     invalid_lines_key,
     output_file_id,
 )
+from postroom.results import of_job
 from postroom.storage import Storage
 from postroom.webhooks import enqueue_batch_event
 
@@ -247,6 +248,6 @@ def _results(session: Session, job_id: uuid.UUID, doc_ids: list[str]) -> dict[st
     if not doc_ids:
         return {}
     rows = session.scalars(
-        select(Result).where(Result.job_id == job_id, Result.doc_id.in_(doc_ids))
+        select(Result).where(*of_job(session=session, job_id=job_id), Result.doc_id.in_(doc_ids))
     )
     return {row.doc_id: row for row in rows}

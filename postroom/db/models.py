@@ -12,13 +12,13 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
-    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -129,6 +129,9 @@ class Job(Base):
     # finished the beat purges it (else POSTROOM_RETENTION_DAYS).
     webhook_url: Mapped[str | None] = mapped_column(Text)
     expires_after: Mapped[int | None] = mapped_column(Integer)
+    # Its result rows go to a partition of their own (POSTROOM_RESULTS_OWN_PARTITION_DOCS), which
+    # deleting the job drops.
+    own_partition: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Shard(Base):
@@ -184,13 +187,12 @@ class Shard(Base):
 class Result(Base):
     __tablename__ = "results"
     __table_args__ = (
-        ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], ondelete="CASCADE", name="fk_results_job_id_jobs"
-        ),
+        # No foreign key to jobs: with a partition per big job its cascade would probe every
+        # partition on each job deletion; the purge removes a job's rows before the job row.
         Index("ix_results_job_order", "job_id", "shard_no", "line"),  # a shard's results
         Index("ix_results_job_line", "job_id", "line"),  # a job's results in input order
-        # One partition per UTC day of job creation (postroom.partitions): retention drops a
-        # day's partition instead of deleting its rows.
+        # One partition per UTC day of job creation, split by `part` (postroom.partitions):
+        # retention drops a day's partition, deleting a big job drops its own.
         {"postgresql_partition_by": "RANGE (job_created_at)"},
     )
 
@@ -198,6 +200,11 @@ class Result(Base):
     doc_id: Mapped[str] = mapped_column(String(512), primary_key=True)
     # The job's created_at, the partition key (so part of the primary key).
     job_created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    # The sub-partition key: NIL (the day's shared partition) or, for a job with its own
+    # partition, the job's id (postroom.partitions.results_part).
+    part: Mapped[uuid.UUID] = mapped_column(
+        primary_key=True, server_default=text("'00000000-0000-0000-0000-000000000000'::uuid")
+    )
     shard_no: Mapped[int] = mapped_column(Integer)
     line: Mapped[int] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(Text)

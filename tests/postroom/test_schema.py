@@ -14,7 +14,7 @@ import postroom.db.batch_models
 import postroom.db.inbox_models  # noqa: F401 - registers their tables on Base.metadata
 from postroom.db.models import Base, Job, Tenant
 from postroom.domain import DocResult
-from postroom.partitions import include_name
+from postroom.partitions import SHARED, include_name
 from postroom.results import iter_result_lines, upsert_results
 
 
@@ -68,6 +68,7 @@ def test_results_come_back_in_input_order_across_split_shards(database_url: str)
                     revision="r",
                     attempt=1,
                     job_created_at=created,
+                    part=SHARED,
                 )
         # Then the results read back in the order the documents were sent
         with Session(engine) as session:
