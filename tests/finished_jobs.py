@@ -43,13 +43,15 @@ def finished_job(
     storage: Storage | None = None,
     created_days_ago: int = 0,
     result: Callable[[int], DocResult] = doc_result,
+    own_partition: bool = False,
 ) -> uuid.UUID:
     """A completed job of `docs` documents for `tenant`; with `storage`, its input and result
     shard objects are written too (what a real job leaves in S3). `created_days_ago` backdates
     the job (its result rows then go to that day's partition, made on demand if missing).
-    `result` makes document n's result (every one failed: the job ends `failed`)."""
+    `result` makes document n's result (every one failed: the job ends `failed`).
+    `own_partition`: its rows go to a partition of their own, as a big job's do."""
     sizes = tuple(min(shard_size, docs - start) for start in range(0, docs, shard_size))
-    job_id = make_job(sessions, sizes=sizes, tenant=tenant)
+    job_id = make_job(sessions, sizes=sizes, tenant=tenant, own_partition=own_partition)
     if created_days_ago:
         created = datetime.now(UTC) - timedelta(days=created_days_ago)
         with sessions.begin() as session:

@@ -5,6 +5,7 @@ job with a running shard is finished by the beat's purge once the shard stops.""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from postroom.keys import (
     outbox_results_key,
     results_parquet_key,
 )
+from postroom.partitions import job_partition_name
 from postroom.settings import Settings
 from postroom.shards import claim_shard, finish_shard, mark_results_written
 from postroom.storage import Storage
@@ -78,6 +80,51 @@ def test_delete_leaves_no_row_and_no_object_and_spares_the_other_job(
     assert rows_of(sessions, other) == other_rows
     assert objects_of(storage, other) == other_objects
     assert [job["id"] for job in client.jobs()["data"]] == [str(other)]
+
+
+def partition_of(sessions: sessionmaker[Session], job_id: uuid.UUID) -> str:
+    """The name the job's own partition has, if it has one."""
+    with sessions() as session:
+        day = session.get_one(Job, job_id).created_at.astimezone(UTC).date()
+    return job_partition_name(day, job_id)
+
+
+def partition_rows(sessions: sessionmaker[Session], name: str) -> int | None:
+    """Rows in that partition (None: there is none)."""
+    with sessions() as session:
+        if session.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar_one() is None:
+            return None
+        return int(session.execute(text(f"SELECT count(*) FROM {name}")).scalar_one())
+
+
+def test_deleting_a_big_job_drops_its_partition_and_spares_the_others(
+    api_url: str, sessions: sessionmaker[Session], storage: Storage
+) -> None:
+    # Given two jobs with partitions of their own (as jobs over
+    # POSTROOM_RESULTS_OWN_PARTITION_DOCS have) and one sharing its day's partition
+    tenant = f"del-{uuid.uuid4().hex[:8]}"
+    client = Client(api_url, new_key(sessions, tenant=tenant))
+    doomed, big, small = (
+        finished_job(
+            sessions, tenant=tenant, docs=docs, shard_size=500, storage=storage, own_partition=own
+        )
+        for docs, own in ((1_500, True), (1_000, True), (700, False))
+    )
+    names = {job: partition_of(sessions, job) for job in (doomed, big, small)}
+    assert [partition_rows(sessions, names[job]) for job in (doomed, big)] == [1_500, 1_000]
+    assert partition_rows(sessions, names[small]) is None
+    before = {job: (rows_of(sessions, job), objects_of(storage, job)) for job in (big, small)}
+    # When the first is deleted
+    assert client.http.delete(f"/v1/jobs/{doomed}").status_code == 204
+    # Then its partition is gone with every row, and the others are as they were
+    assert partition_rows(sessions, names[doomed]) is None
+    assert rows_of(sessions, doomed) == {"jobs": 0, "shards": 0, "results": 0}
+    assert objects_of(storage, doomed) == []
+    assert partition_rows(sessions, names[big]) == 1_000
+    after = {job: (rows_of(sessions, job), objects_of(storage, job)) for job in (big, small)}
+    assert after == before
+    assert len(list(client.results(str(big)))) == 1_000
+    assert len(list(client.results(str(small)))) == 700
 
 
 def test_a_deletion_cut_short_resumes_on_the_next_delete(

@@ -35,8 +35,10 @@ def make_job(
     tenant: str | None = None,
     priority: str = "normal",
     deadline: datetime | None = None,
+    own_partition: bool = False,
 ) -> uuid.UUID:
-    """A committed job with shards of these sizes on `queue`, for a tenant of its own."""
+    """A committed job with shards of these sizes on `queue`, for a tenant of its own
+    (`own_partition`: its results go to a partition of their own, as a big job's do)."""
     job_id = uuid.uuid4()
     with sessions.begin() as session:
         tenant_id = ensure_tenant(session=session, name=tenant or f"t-{job_id.hex[:12]}")
@@ -55,6 +57,7 @@ def make_job(
                 shard_sizes=sizes,
                 rejected=rejected,
                 queue=queue,
+                own_partition=own_partition,
             ),
         )
     return job_id

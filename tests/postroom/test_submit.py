@@ -8,17 +8,19 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func
+from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Job, Worker
 from postroom.errors import InvalidDocuments
 from postroom.keys import input_shard_key, rejected_lines_key
+from postroom.partitions import job_partition_name
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
 from postroom.storage import Storage
@@ -171,3 +173,41 @@ def test_a_stream_is_recorded_once_and_a_repeat_discards_its_shards(
         assert (job.total_docs, job.rejected_docs, job.shard_count) == (4, 1, 2)
     rejected = storage.get_bytes(rejected_lines_key(first.job_id)).decode()
     assert '"line":4' in rejected
+
+
+def test_a_job_of_at_least_the_threshold_gets_a_partition_of_its_own(
+    sessions: sessionmaker[Session], storage: Storage, settings: Settings
+) -> None:
+    own_from_4 = settings.model_copy(update={"results_own_partition_docs": 4})
+
+    def submit(good: int) -> uuid.UUID:
+        sub = _submission(sessions, storage, own_from_4, on_invalid="skip")
+        with sub:
+            for n in range(good):
+                sub.add({"id": str(n), "text": f"doc {n}"})
+            sub.add({"id": "bad", "text": ""})
+            sub.seal()
+        with sessions() as session:
+            tenant_id = ensure_tenant(session=session, name="submit-test")
+            sub.record(session=session, tenant_id=tenant_id, idempotency_key=None, body_hash="b")
+            session.commit()
+        return sub.job_id
+
+    big, small = submit(3), submit(1)  # 4 documents (one skipped), and 2
+    with sessions() as session:
+        jobs = {job_id: session.get_one(Job, job_id) for job_id in (big, small)}
+        assert {job_id: job.own_partition for job_id, job in jobs.items()} == {
+            big: True,
+            small: False,
+        }
+        # The skipped line's failed result went into the big job's own partition, made for it
+        day = jobs[big].created_at.astimezone(UTC).date()
+        name = job_partition_name(day, big)
+        rows = session.execute(text(f"SELECT doc_id, part FROM {name}")).all()
+        assert rows == [("bad", big)]
+        assert (
+            session.execute(
+                text("SELECT to_regclass(:n)"), {"n": job_partition_name(day, small)}
+            ).scalar_one()
+            is None
+        )
