@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, text
+import sqlalchemy as sa
+from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -203,11 +204,11 @@ def test_a_job_of_at_least_the_threshold_gets_a_partition_of_its_own(
         # The skipped line's failed result went into the big job's own partition, made for it
         day = jobs[big].created_at.astimezone(UTC).date()
         name = job_partition_name(day, big)
-        rows = session.execute(text(f"SELECT doc_id, part FROM {name}")).all()
+        rows = session.execute(sa.text(f"SELECT doc_id, part FROM {name}")).all()
         assert rows == [("bad", big)]
         assert (
             session.execute(
-                text("SELECT to_regclass(:n)"), {"n": job_partition_name(day, small)}
+                sa.text("SELECT to_regclass(:n)"), {"n": job_partition_name(day, small)}
             ).scalar_one()
             is None
         )
