@@ -8,11 +8,15 @@ Real Postgres (a fresh database, migrated), a moto S3 server. No engine runs: th
 filled in SQL (their rows are what deletion works through) with one input and one result object
 per 1,000-document shard; the other job is written as a worker commits, 1,000 results upserted
 and the shard finished per transaction, back to back. Three cases, each timed with the writer
-running: (a) `DELETE /v1/jobs/{id}`'s purge of a job created today (result rows deleted in
-batches of POSTROOM_DELETE_BATCH_ROWS, each its own transaction); (b) retention of a job
-created 40 days ago: its day partition detached CONCURRENTLY and dropped, then the beat's purge
-of its objects, shards and job row. The writer (its own process) is measured solo before,
-between and after; each case is compared with the solo windows either side of it. Prints a
+running: (a) `DELETE /v1/jobs/{id}`'s purge of a 1,000,000-document job created today, which
+has a partition of its own (over POSTROOM_RESULTS_OWN_PARTITION_DOCS): the partition detached
+CONCURRENTLY and dropped; (a') the same for the biggest job that shares today's partition
+(POSTROOM_RESULTS_OWN_PARTITION_DOCS - 1 documents; its rows deleted in batches of
+POSTROOM_DELETE_BATCH_ROWS, each its own transaction); (b) retention of a job created 40 days
+ago: its day partition detached CONCURRENTLY and dropped, then the beat's purge of its objects,
+shards and job row. The writer (its own process) is measured solo before,
+between and after; each case is compared with the solo windows either side of it, its rate
+taken over a window as long as a solo one from its start. Prints a
 table and writes bench/results/retention.json.
 """
 
@@ -27,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from statistics import mean
 from typing import Any
 
 import psycopg
@@ -42,7 +47,13 @@ from postroom.deletion import mark_deleted, purge_job
 from postroom.domain import DocResult, JobSpec, Label
 from postroom.jobs import NewJob, create_job
 from postroom.keys import input_shard_key, result_shard_key
-from postroom.partitions import create_partition_sql, drop_partitions_past_retention
+from postroom.partitions import (
+    SHARED,
+    drop_partitions_past_retention,
+    ensure_day,
+    ensure_job_partition,
+    results_part,
+)
 from postroom.results import upsert_results
 from postroom.settings import Settings
 from postroom.shards import add_shards, claim_shard, finish_shard
@@ -90,18 +101,31 @@ def fill_job(
     *,
     docs: int,
     days_ago: int,
+    own_partition: bool,
     tenant: str | None = None,
 ) -> uuid.UUID:
-    """A completed job of `docs` results (and its shards and objects), created `days_ago`."""
+    """A completed job of `docs` results (and its shards and objects), created `days_ago`, its
+    rows in a partition of its own or in the day's shared one."""
     job_id = make_job(sessions, sizes=(), tenant=tenant or f"big-{secrets.token_hex(4)}")
     created = datetime.now(UTC) - timedelta(days=days_ago)
     shards = (docs + SHARD - 1) // SHARD
+    part = results_part(job_id, own_partition=own_partition)
+    engine = sessions.kw["bind"]
+    if own_partition:
+        ensure_job_partition(engine, created.date(), job_id)
+    else:
+        ensure_day(engine, created.date())
     with sessions.begin() as session:
-        session.execute(text(create_partition_sql(created.date())))
         session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(created_at=created, total_docs=docs, shard_count=shards, status="completed")
+            .values(
+                created_at=created,
+                total_docs=docs,
+                shard_count=shards,
+                status="completed",
+                own_partition=own_partition,
+            )
         )
         add_shards(
             session=session,
@@ -120,13 +144,19 @@ def fill_job(
         with sessions.begin() as session:
             session.execute(
                 text(
-                    "INSERT INTO results (job_id, doc_id, job_created_at, shard_no, line, label, "
-                    "confidence, distribution, route, model, revision, truncated, tokens_in, "
-                    "tokens_out, attempt) SELECT :j, 'doc-' || n, :c, n / 1000, n, 'a', 0.9, "
-                    "'{\"a\": 0.9, \"b\": 0.1}'::jsonb, 'gpu', 'tiny', 'r', false, 100, 1, 1 "
-                    "FROM generate_series(:lo, :hi - 1) AS n"
+                    "INSERT INTO results (job_id, doc_id, job_created_at, part, shard_no, line, "
+                    "label, confidence, distribution, route, model, revision, truncated, "
+                    "tokens_in, tokens_out, attempt) SELECT :j, 'doc-' || n, :c, :p, n / 1000, "
+                    "n, 'a', 0.9, '{\"a\": 0.9, \"b\": 0.1}'::jsonb, 'gpu', 'tiny', 'r', false, "
+                    "100, 1, 1 FROM generate_series(:lo, :hi - 1) AS n"
                 ),
-                {"j": job_id, "c": created, "lo": start, "hi": min(docs, start + 100_000)},
+                {
+                    "j": job_id,
+                    "c": created,
+                    "p": part,
+                    "lo": start,
+                    "hi": min(docs, start + 100_000),
+                },
             )
     with sessions.begin() as session:
         session.execute(
@@ -205,17 +235,22 @@ def write_loop(url: str, commits: Any, stop: Any) -> None:
                     revision="r",
                     results=results,
                     job_created_at=created,
+                    part=SHARED,  # 50,000 documents: under the own-partition threshold
                 )
                 finish_shard(session=session, **fence, succeeded=SHARD, failed=0, route="gpu")
             commits.put(time.monotonic())
 
 
-def timed(writer: Writer, action: Callable[[], object]) -> tuple[float, float]:
-    """Seconds the action took and the writer's rows/s meanwhile."""
+def timed(writer: Writer, action: Callable[[], object], window: float) -> tuple[float, float]:
+    """Seconds the action took and the writer's rows/s from its start over `window` seconds
+    (or the action's time, if longer): a window of a second or two holds too few of the
+    writer's 1,000-row commits to measure a rate, and what the action set going (autovacuum,
+    a purge's S3 deletes) counts in it too."""
     start = time.monotonic()
     action()
     end = time.monotonic()
-    return end - start, writer.rate(start, end)
+    time.sleep(max(0.0, start + window - end))
+    return end - start, writer.rate(start, max(end, start + window))
 
 
 def solo(writer: Writer, seconds: float) -> float:
@@ -246,27 +281,37 @@ def main() -> None:
     storage.ensure_bucket()
     engine = make_engine(settings)
     sessions = make_sessionmaker(engine)
+    shared_docs = min(args.docs, settings.results_own_partition_docs - 1)
     try:
         t0 = time.monotonic()
-        today = fill_job(sessions, storage, docs=args.docs, days_ago=0)
-        old = fill_job(sessions, storage, docs=args.docs, days_ago=40)
+        today = fill_job(sessions, storage, docs=args.docs, days_ago=0, own_partition=True)
+        today_shared = fill_job(
+            sessions, storage, docs=shared_docs, days_ago=0, own_partition=False
+        )
+        old = fill_job(sessions, storage, docs=args.docs, days_ago=40, own_partition=True)
         fill = time.monotonic() - t0
-        print(f"filled 2 jobs of {args.docs:,} results in {fill:.0f}s")
+        print(f"filled jobs of {args.docs:,}, {shared_docs:,} and {args.docs:,} in {fill:.0f}s")
         writer = Writer(url)
         writer.start()
         solo(writer, 5.0)  # warm-up: connections, first job
         solos = [solo(writer, args.solo_seconds)]
 
-        def delete_today() -> None:
+        def delete(job_id: uuid.UUID, *, own: bool, rows: int) -> None:
             with sessions.begin() as session:
-                mark_deleted(session=session, tenant_id=None, job_id=today)
+                mark_deleted(session=session, tenant_id=None, job_id=job_id)
             report = purge_job(
-                sessions, storage, job_id=today, batch_rows=settings.delete_batch_rows
+                sessions, storage, job_id=job_id, batch_rows=settings.delete_batch_rows
             )
             assert report.done, report
-            assert report.rows == args.docs, report
+            assert (report.partition_dropped, report.rows) == (own, 0 if own else rows), report
 
-        delete_secs, delete_rate = timed(writer, delete_today)
+        delete_secs, delete_rate = timed(writer, lambda: delete(today, own=True, rows=args.docs))
+        solos.append(solo(writer, args.solo_seconds))
+        shared_secs, shared_rate = timed(
+            writer,
+            lambda: delete(today_shared, own=False, rows=shared_docs),
+            args.solo_seconds,
+        )
         solos.append(solo(writer, args.solo_seconds))
 
         def drop_old_day() -> None:
@@ -276,15 +321,19 @@ def main() -> None:
             tick = purge_tick(sessions=sessions, storage=storage, settings=settings)
             assert tick.purged >= 1, tick
 
-        drop_secs, drop_rate = timed(writer, drop_old_day)
-        purge_secs, purge_rate = timed(writer, purge_old)
+        drop_secs, drop_rate = timed(writer, drop_old_day, args.solo_seconds)
+        purge_secs, purge_rate = timed(writer, purge_old, args.solo_seconds)
         solos.append(solo(writer, args.solo_seconds))
         writer.finish()
         with sessions() as session:
+            jobs = {"a": today, "b": today_shared, "c": old}
             left = session.execute(
-                text("SELECT count(*) FROM jobs WHERE id IN (:a, :b)"), {"a": today, "b": old}
+                text("SELECT count(*) FROM jobs WHERE id IN (:a, :b, :c)"), jobs
             ).scalar_one()
-        assert left == 0
+            rows_left = session.execute(
+                text("SELECT count(*) FROM results WHERE job_id IN (:a, :b, :c)"), jobs
+            ).scalar_one()
+        assert (left, rows_left) == (0, 0)
     finally:
         engine.dispose()
         server.stop()
@@ -295,24 +344,20 @@ def main() -> None:
     # Each case against the mean of the solo windows either side of it: the load of a shared
     # machine drifts over minutes.
     rows = [
-        ("DELETE (rows in batches)", delete_secs, delete_rate, statistics.mean(solos[0:2])),
-        ("retention: day partition dropped", drop_secs, drop_rate, statistics.mean(solos[1:3])),
-        (
-            "retention: then objects, shards, job",
-            purge_secs,
-            purge_rate,
-            statistics.mean(solos[1:3]),
-        ),
+        (f"DELETE {args.docs:,} (own partition)", delete_secs, delete_rate, mean(solos[0:2])),
+        (f"DELETE {shared_docs:,} (shared, rows)", shared_secs, shared_rate, mean(solos[1:3])),
+        ("retention: day partition dropped", drop_secs, drop_rate, mean(solos[2:4])),
+        ("retention: then objects, shards, job", purge_secs, purge_rate, mean(solos[2:4])),
     ]
     base = statistics.mean(solos)
     print_table(
-        f"{'case':<36} {'time':>8} {'other job rows/s':>17} {'solo either side':>17} {'ratio':>6}",
+        f"{'case':<38} {'time':>8} {'other job rows/s':>17} {'solo either side':>17} {'ratio':>6}",
         [
-            f"{case:<36} {secs:>7.1f}s {rate:>17,.0f} {near:>17,.0f} {rate / near:>6.2f}"
+            f"{case:<38} {secs:>7.1f}s {rate:>17,.0f} {near:>17,.0f} {rate / near:>6.2f}"
             for case, secs, rate, near in rows
         ]
         + [
-            f"{'solo (before, between, after)':<36} {'':>8} {base:>17,.0f} "
+            f"{'solo (before, between…, after)':<38} {'':>8} {base:>17,.0f} "
             f"{' / '.join(f'{s:,.0f}' for s in solos)}"
         ],
     )
@@ -320,6 +365,7 @@ def main() -> None:
         args.out,
         {
             "docs": args.docs,
+            "shared_docs": shared_docs,
             "solo_rows_per_second": solos,
             "cases": [
                 {
