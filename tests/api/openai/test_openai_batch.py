@@ -428,24 +428,33 @@ def test_a_batch_that_ends_sends_its_signed_batch_event(
         )
     secret = Client(api_url, key).webhooks()["secret"]
     client = sdk(api_url, key)
-    # When one batch runs to its end and another is cancelled as soon as it is made
-    docs = make_docs(400, prefix="w")
+    # When one batch runs to its end, another is cancelled as soon as it is made, and a third
+    # one's window passes as soon as it is made (moving expires_at stands in for waiting)
+    docs = make_docs(2400, prefix="w")
     ran = create(client, [request(d["id"], d["text"]) for d in docs[:20]])
-    cancelled = create(client, [request(d["id"], d["text"]) for d in docs[20:]])
+    cancelled = create(client, [request(d["id"], d["text"]) for d in docs[20:400]])
     client.batches.cancel(cancelled.id)
-    ended = {b.id: wait_ended(client, b.id).status for b in (ran, cancelled)}
-    assert ended == {ran.id: "completed", cancelled.id: "cancelled"}
+    expiring = create(client, [request(d["id"], d["text"]) for d in docs[400:]])
+    expiring_job = str(uuid.UUID(hex=expiring.id.removeprefix("batch_")))
+    with sessions.begin() as session:
+        session.execute(
+            text("UPDATE batches SET expires_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": expiring_job},
+        )
+    ended = {b.id: wait_ended(client, b.id).status for b in (ran, cancelled, expiring)}
+    assert ended == {ran.id: "completed", cancelled.id: "cancelled", expiring.id: "expired"}
     sender = settings.model_copy(update={"webhook_allow_private": True})
     try:
         with make_http(sender) as http:
 
-            def both_sent() -> list[dict[str, Any]] | None:
+            def all_sent() -> list[dict[str, Any]] | None:
                 send_due(sessions=sessions, settings=sender, http=http)
                 events = [json.loads(body) for _, body, _ in receiver.received]
                 batch_events = [e for e in events if e["type"].startswith("batch.")]
-                return batch_events if len(batch_events) >= 2 else None
+                expired = [e for e in events if e["data"]["id"] == expiring_job]
+                return batch_events if len(batch_events) >= 3 and expired else None
 
-            batch_events = wait_until(both_sent, timeout=60, what="both batch events sent")
+            batch_events = wait_until(all_sent, timeout=60, what="the batch events sent")
     finally:
         receiver.stop()
     # Then each batch's event names how it ended, once, signed with the tenant's secret
@@ -453,5 +462,8 @@ def test_a_batch_that_ends_sends_its_signed_batch_event(
         (batch_id, f"batch.{status}") for batch_id, status in ended.items()
     )
     assert all(e["data"]["object"] == "batch" for e in batch_events)
+    # and the expired batch's job, cancelled underneath, sent job.expired
+    job_events = [json.loads(body) for _, body, _ in receiver.received]
+    assert [e["type"] for e in job_events if e["data"]["id"] == expiring_job] == ["job.expired"]
     for headers, body, _ in receiver.received:
         verify(secret, headers, body)
