@@ -333,6 +333,8 @@ def delete_job(
         ) from e
     if report.done:
         return Response(status_code=204)
+    if not report.waiting:
+        return _deleting(job_id, "its results partition was busy; the beat's purge finishes it")
     return _deleting(
         job_id, f"{report.waiting} shard(s) were still running; the beat finishes once they stop"
     )
