@@ -305,7 +305,9 @@ def main() -> None:
             assert report.done, report
             assert (report.partition_dropped, report.rows) == (own, 0 if own else rows), report
 
-        delete_secs, delete_rate = timed(writer, lambda: delete(today, own=True, rows=args.docs))
+        delete_secs, delete_rate = timed(
+            writer, lambda: delete(today, own=True, rows=args.docs), args.solo_seconds
+        )
         solos.append(solo(writer, args.solo_seconds))
         shared_secs, shared_rate = timed(
             writer,
