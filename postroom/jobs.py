@@ -8,19 +8,20 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from postroom.db.models import Job, Result, Shard
 from postroom.domain import JOB_ACTIVE, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
-from postroom.partitions import insert_routed, results_part
+from postroom.partitions import ensure_job_partition, insert_routed, results_part
 from postroom.shards import add_shards, cancel_unclaimed
 from postroom.webhooks import enqueue_job_event
 
@@ -54,6 +55,18 @@ class NewJob:
 ALL_INVALID = "every document was invalid and skipped; each result says why"
 
 
+def own_partition_ahead(*, session: Session, job: Job) -> None:
+    """Make a big job's results partition now, before its workers race to; if the table is too
+    busy, its first writer makes it (postroom.partitions.insert_routed). A job whose creation
+    then rolls back leaves an empty partition, dropped with its day."""
+    try:
+        ensure_job_partition(
+            session.get_bind().engine, job.created_at.astimezone(UTC).date(), job.id
+        )
+    except DBAPIError as e:
+        logger.warning("job %s: its results partition is left to its first writer: %s", job.id, e)
+
+
 def create_job(*, session: Session, new: NewJob) -> Job:
     """Insert the job, its shards and the failed results of skipped lines (status `queued`)."""
     total = sum(new.shard_sizes) + len(new.rejected)
@@ -85,6 +98,8 @@ def create_job(*, session: Session, new: NewJob) -> Job:
     )
     session.add(job)
     session.flush()
+    if new.own_partition:
+        own_partition_ahead(session=session, job=job)
     add_shards(
         session=session, job_id=new.job_id, shards=list(enumerate(new.shard_sizes)), queue=new.queue
     )

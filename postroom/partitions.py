@@ -195,10 +195,16 @@ def insert_routed(
         raise LookupError(f"job {job_id} is gone or being deleted; its results are not written")
     engine = session.get_bind().engine
     day = job_created_at.astimezone(UTC).date()
-    if part == SHARED:
-        ensure_day(engine, day)
-    else:
-        ensure_job_partition(engine, day, part)
+    for attempt in range(3):  # two writers making the same table at once: one of them fails
+        try:
+            if part == SHARED:
+                ensure_day(engine, day)
+            else:
+                ensure_job_partition(engine, day, part)
+            break
+        except DBAPIError:
+            if attempt == 2:
+                raise
     write()
 
 
