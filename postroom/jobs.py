@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from postroom.db.models import Job, Result, Shard
-from postroom.domain import JOB_ACTIVE, JobSpec, JobStatus, ShardState
+from postroom.domain import JOB_ACTIVE, SPILL_ROUTES, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.shards import add_shards, cancel_unclaimed
@@ -152,7 +152,7 @@ def job_counts(*, session: Session, job: Job) -> JobCounts:
         select(
             func.coalesce(func.sum(Shard.succeeded), 0),
             func.coalesce(func.sum(Shard.failed), 0),
-            func.coalesce(func.sum(Shard.doc_count).filter(Shard.route == "spill"), 0),
+            func.coalesce(func.sum(Shard.doc_count).filter(Shard.route.in_(SPILL_ROUTES)), 0),
             func.coalesce(func.sum(Shard.doc_count).filter(Shard.state == ShardState.cancelled), 0),
         ).where(Shard.job_id == job.id)
     ).one()
@@ -223,12 +223,19 @@ class WorkOrder:
     status: str
     shard_count: int
     created_at: datetime  # the partition of the job's result rows
+    deadline: datetime | None = None
 
 
 def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
     row = session.execute(
-        select(Job.spec, Job.status, Job.shard_count, Job.created_at).where(Job.id == job_id)
+        select(Job.spec, Job.status, Job.shard_count, Job.created_at, Job.deadline).where(
+            Job.id == job_id
+        )
     ).one()
     return WorkOrder(
-        JobSpec.model_validate(row.spec), str(row.status), int(row.shard_count), row.created_at
+        JobSpec.model_validate(row.spec),
+        str(row.status),
+        int(row.shard_count),
+        row.created_at,
+        row.deadline,
     )
