@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 from openai import OpenAI
+from pydantic import SecretStr
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,7 +102,7 @@ def batch_settings(settings: Settings, remote: Remote) -> Settings:
     return settings.model_copy(
         update={
             "spill_batch_base_url": f"{remote.url}/v1",
-            "spill_batch_api_key": remote.key,
+            "spill_batch_api_key": SecretStr(remote.key),
             "spill_batch_poll_seconds": 1.0,
         }
     )
