@@ -295,7 +295,8 @@ def documents_by_route(*, session: Session, since: datetime) -> dict[str, int]:
 
 def spill_ratio(by_route: dict[str, int]) -> float:
     total = sum(by_route.values())
-    return by_route.get("spill", 0) / total if total else 0.0
+    spilled = by_route.get("spill", 0) + by_route.get("batch", 0)
+    return spilled / total if total else 0.0
 
 
 def alive_workers(*, session: Session, since: datetime) -> dict[str, int]:

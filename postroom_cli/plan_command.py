@@ -49,7 +49,7 @@ def job_shares(job: dict[str, Any]) -> tuple[float, float, float]:
     spend = job.get("spend") or {}
     docs = {route: int(row.get("docs", 0)) for route, row in spend.items() if isinstance(row, dict)}
     total = int((job.get("counts") or {}).get("total") or 0) or sum(docs.values())
-    batch = docs.get("spill_batch", 0)
+    batch = docs.get("batch", 0)  # patient spill, through the batch endpoint
     spilled = docs.get("spill", 0) + batch
     cascade = job.get("cascade") or {}
     escalated = int(cascade.get("escalated") or 0) if isinstance(cascade, dict) else 0

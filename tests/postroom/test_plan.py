@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from postroom.plan import PlanInputs, make_plan, self_hosted_cost
 from postroom_cli.main import app
+from postroom_cli.plan_command import job_shares
 
 # The hand-checked example:
 #   managed, per document: (500 tokens x $0.15 + 5 tokens x $0.60) / 1e6 = $0.000078
@@ -134,3 +135,18 @@ def test_plan_command_reads_the_bench_rate(tmp_path: Path) -> None:
     )
     assert missing.exit_code == 2
     assert "shapes: 0.5b" in missing.output
+
+
+def test_shares_measured_on_a_job() -> None:
+    job = {
+        "id": "j",
+        "counts": {"total": 1000},
+        "spend": {
+            "gpu": {"docs": 800},
+            "spill": {"docs": 150},
+            "batch": {"docs": 50},
+            "total": 1.0,
+        },
+        "cascade": {"escalated": 30},
+    }
+    assert job_shares(job) == (0.2, 0.25, 0.03)
