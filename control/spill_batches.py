@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import openai
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Shard, SpillBatch
@@ -36,7 +37,7 @@ from postroom.spill_batches import (
     read_output,
     set_state,
 )
-from postroom.storage import Storage
+from postroom.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -65,24 +66,36 @@ def poll_batches(
     client = batch_client(settings)
     for row in rows:
         report.open += 1
-        assert row.remote_batch_id is not None
         try:
-            remote = client.batches.retrieve(row.remote_batch_id)
-        except openai.OpenAIError as e:
+            outcome = _poll_one(sessions, storage, settings, celery, client, row)
+        except (openai.OpenAIError, StorageError, OperationalError) as e:
             logger.warning("batch %s: could not poll (%s); next tick", row.remote_batch_id, e)
             continue
-        if remote.status == REMOTE_DONE:
-            outcome = _collect(sessions, storage, settings, client, row, remote)
-        elif remote.status in REMOTE_GAVE_UP:
-            outcome = _give_back(sessions, celery, row, f"remote batch {remote.status}")
-        elif datetime.now(UTC) > row.expires_at + PARK_GRACE / 2:
-            # The provider did not end it within its own window: stop waiting for it.
-            _cancel(client, row.remote_batch_id)
-            outcome = _give_back(sessions, celery, row, "remote batch past its window")
-        else:
-            continue
-        setattr(report, outcome, getattr(report, outcome) + 1)
+        if outcome:
+            setattr(report, outcome, getattr(report, outcome) + 1)
     return report
+
+
+def _poll_one(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    settings: Settings,
+    celery: Celery,
+    client: openai.OpenAI,
+    row: SpillBatch,
+) -> str | None:
+    """Collect, give back, or leave the batch for the next tick (None)."""
+    assert row.remote_batch_id is not None
+    remote = client.batches.retrieve(row.remote_batch_id)
+    if remote.status == REMOTE_DONE:
+        return _collect(sessions, storage, settings, client, row, remote)
+    if remote.status in REMOTE_GAVE_UP:
+        return _give_back(sessions, celery, row, f"remote batch {remote.status}")
+    if datetime.now(UTC) > row.expires_at + PARK_GRACE / 2:
+        # The provider did not end it within its own window: stop waiting for it.
+        _cancel(client, row.remote_batch_id)
+        return _give_back(sessions, celery, row, "remote batch past its window")
+    return None
 
 
 def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -132,12 +145,13 @@ def _collect(
             tokens_in=sum(r.tokens_in for r in results),
             tokens_out=sum(r.tokens_out for r in results),
         )
-        if not won:
+        if won:
+            set_state(session=session, **fence, state="collected")
+        else:
             session.rollback()
-    with sessions.begin() as session:
-        state = "collected" if won else "superseded"
-        set_state(session=session, **fence, state=state, note=f"remote {remote.id}")
     if not won:
+        with sessions.begin() as session:
+            set_state(session=session, **fence, state="superseded", note="the shard moved on")
         logger.warning("batch %s: the shard moved on; its results are ignored", remote.id)
         return "superseded"
     observe_shard(
@@ -146,6 +160,7 @@ def _collect(
     lines = [
         result_line(r, route=ROUTE_BATCH, model=spec.model, revision=spec.revision) for r in results
     ]
+    # After the commit, as a worker does: a poll that dies here leaves the object to the reaper.
     storage.put_jsonl(result_shard_key(row.job_id, row.shard_no), lines)
     with sessions.begin() as session:
         mark_results_written(session=session, job_id=row.job_id, shard_no=row.shard_no)

@@ -54,6 +54,8 @@ def is_patient(settings: Settings, deadline: datetime | None, now: datetime) -> 
     provider's completion window."""
     if not settings.spill_batch_enabled or deadline is None:
         return False
+    if not (settings.spill_batch_base_url or settings.spill_base_url):
+        return False  # no provider configured: never fall back to the SDK's default URL
     window = window_seconds(settings.spill_batch_completion_window)
     return (deadline - now).total_seconds() > window
 

@@ -32,7 +32,7 @@ def _output(custom_id: str, content: str, *, logprob: float = -0.1) -> dict[str,
 
 
 def test_a_job_is_patient_only_past_the_completion_window() -> None:
-    settings = Settings(spill_batch_completion_window="24h")
+    settings = Settings(spill_base_url="http://127.0.0.1:9/v1", spill_batch_completion_window="24h")
     assert window_seconds("24h") == 86_400
     assert is_patient(settings, NOW + timedelta(hours=48), NOW)
     assert not is_patient(settings, NOW + timedelta(hours=23), NOW)
