@@ -1,6 +1,6 @@
 """`postroom beat`: Celery beat and a one-thread worker on the `control` queue, running the reaper,
-the router, the purge (deletions, retention) and the drop folder's tick (their task names are
-fixed in postroom.queue)."""
+the router, the purge (deletions, retention), the patient-spill batch poll and the drop folder's
+tick (their task names are fixed in postroom.queue)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from control.inbox import InboxCursor, InboxDeps, run_tick
 from control.purge import purge_tick
 from control.reaper import reap
 from control.router import route_tick
+from control.spill_batches import poll_batches
 from control.webhooks import make_http, send_due
 from postroom.db.session import make_engine, make_sessionmaker
 from postroom.logs import configure_logging
@@ -24,6 +25,7 @@ from postroom.queue import (
     TASK_PURGE,
     TASK_REAP,
     TASK_ROUTE,
+    TASK_SPILL_BATCHES,
     TASK_WEBHOOKS,
     Celery,
     make_celery,
@@ -120,6 +122,22 @@ def build_control_app(settings: Settings) -> tuple[Celery, dict[str, Control]]:
         control = holder["control"]
         deps = InboxDeps(settings, control.sessions, control.storage, app)
         return run_tick(deps, inbox_cursor).__dict__
+
+    @app.task(name=TASK_SPILL_BATCHES, ignore_result=True)
+    def spill_batches_task() -> dict[str, int]:
+        """Collect or give back shards parked on a provider's batch; safe twice (see
+        control.spill_batches)."""
+        control = holder["control"]
+        return poll_batches(
+            sessions=control.sessions, storage=control.storage, settings=settings, celery=app
+        ).__dict__
+
+    batch_every = settings.spill_batch_poll_seconds
+    app.conf.beat_schedule["spill_batches"] = {
+        "task": TASK_SPILL_BATCHES,
+        "schedule": batch_every,
+        "options": {"queue": QUEUE_CONTROL, "expires": batch_every * 2},
+    }
 
     if settings.inbox_enabled:
         app.conf.beat_schedule["inbox"] = {

@@ -18,6 +18,13 @@ def spill_cost(settings: Settings, *, tokens_in: float, tokens_out: float) -> fl
     ) / 1e6
 
 
+def batch_cost(settings: Settings, *, tokens_in: float, tokens_out: float) -> float:
+    """The managed API through its batch endpoint (patient spill): the discounted price."""
+    return spill_cost(settings, tokens_in=tokens_in, tokens_out=tokens_out) * (
+        settings.spill_batch_discount
+    )
+
+
 def gpu_cost(settings: Settings, *, tokens_in: float) -> float:
     """GPU time the prompt tokens take at the measured throughput, at the price per hour."""
     return tokens_in / settings.gpu_tokens_per_second * settings.gpu_price_per_hour / 3600
@@ -46,6 +53,8 @@ def spend(settings: Settings, by_route: dict[str, dict[str, int]]) -> dict[str, 
     for route, row in sorted(by_route.items()):
         if route == "spill":
             cost = spill_cost(settings, tokens_in=row["tokens_in"], tokens_out=row["tokens_out"])
+        elif route == "batch":
+            cost = batch_cost(settings, tokens_in=row["tokens_in"], tokens_out=row["tokens_out"])
         else:
             cost = gpu_cost(settings, tokens_in=row["tokens_in"])
         out[route] = {**row, "cost": round(cost, 6)}

@@ -38,7 +38,9 @@ QUEUE_SPILL = "spill"
 Mode = Literal["generative", "embedding"]
 Decoding = Literal["score", "choice"]
 SpillPolicy = Literal["auto", "never", "always"]
-Route = Literal["gpu", "spill"]
+Route = Literal["gpu", "spill", "batch"]
+# The managed API's routes: one chat completion per document, or its batch endpoint (patient spill).
+SPILL_ROUTES = ("spill", "batch")
 # A job's claim priority (postroom.policy); a tenant may not ask above its maximum.
 Priority = Literal["high", "normal", "low"]
 OnInvalid = Literal["reject", "skip"]

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from postroom.db.models import Job, Result, Shard
-from postroom.domain import JOB_ACTIVE, JobSpec, JobStatus, ShardState
+from postroom.domain import JOB_ACTIVE, SPILL_ROUTES, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.partitions import ensure_job_partition, insert_routed, results_part
@@ -184,7 +184,7 @@ def job_counts(*, session: Session, job: Job) -> JobCounts:
         select(
             func.coalesce(func.sum(Shard.succeeded), 0),
             func.coalesce(func.sum(Shard.failed), 0),
-            func.coalesce(func.sum(Shard.doc_count).filter(Shard.route == "spill"), 0),
+            func.coalesce(func.sum(Shard.doc_count).filter(Shard.route.in_(SPILL_ROUTES)), 0),
             func.coalesce(func.sum(Shard.doc_count).filter(Shard.state == ShardState.cancelled), 0),
         ).where(Shard.job_id == job.id)
     ).one()
@@ -256,13 +256,14 @@ class WorkOrder:
     shard_count: int
     created_at: datetime  # with `part`, the partition of the job's result rows
     part: uuid.UUID
+    deadline: datetime | None = None
 
 
 def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
     row = session.execute(
-        select(Job.spec, Job.status, Job.shard_count, Job.created_at, Job.own_partition).where(
-            Job.id == job_id
-        )
+        select(
+            Job.spec, Job.status, Job.shard_count, Job.created_at, Job.own_partition, Job.deadline
+        ).where(Job.id == job_id)
     ).one()
     return WorkOrder(
         JobSpec.model_validate(row.spec),
@@ -270,4 +271,5 @@ def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
         int(row.shard_count),
         row.created_at,
         results_part(job_id, own_partition=row.own_partition),
+        row.deadline,
     )

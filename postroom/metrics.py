@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from postroom.costs import gpu_cost, spill_cost
+from postroom.costs import batch_cost, gpu_cost, spill_cost
 from postroom.db.models import Job, Shard, Worker
 from postroom.domain import JOB_ACTIVE, SHARD_CLAIMABLE, DocResult, ShardState
 from postroom.queue import QUEUE_SPILL, gpu_queue
@@ -120,6 +120,8 @@ def observe_shard(
     TOKENS.labels(route, model, "out").inc(tokens_out)
     if route == "spill":
         cost = spill_cost(settings, tokens_in=tokens_in, tokens_out=tokens_out)
+    elif route == "batch":
+        cost = batch_cost(settings, tokens_in=tokens_in, tokens_out=tokens_out)
     else:
         cost = gpu_cost(settings, tokens_in=tokens_in)
     SPEND.labels(route).inc(cost)
@@ -293,7 +295,8 @@ def documents_by_route(*, session: Session, since: datetime) -> dict[str, int]:
 
 def spill_ratio(by_route: dict[str, int]) -> float:
     total = sum(by_route.values())
-    return by_route.get("spill", 0) / total if total else 0.0
+    spilled = by_route.get("spill", 0) + by_route.get("batch", 0)
+    return spilled / total if total else 0.0
 
 
 def alive_workers(*, session: Session, since: datetime) -> dict[str, int]:

@@ -35,6 +35,7 @@ TASK_ROUTE = "postroom.route"
 TASK_INBOX = "postroom.inbox"
 TASK_PURGE = "postroom.purge"
 TASK_WEBHOOKS = "postroom.webhooks"
+TASK_SPILL_BATCHES = "postroom.spill_batches"
 QUEUE_CONTROL = "control"
 GPU_QUEUE_PREFIX = "gpu"
 

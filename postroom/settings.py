@@ -187,6 +187,15 @@ class Settings(BaseSettings):
     spill_breaker_failures: PositiveInt = 10
     spill_breaker_reset_seconds: PositiveFloat = 15.0
     spill_max_tokens: PositiveInt = 32
+    # Patient spill: a job whose deadline leaves more than the provider's batch completion window
+    # spills through its OpenAI-style batch endpoint (/v1/files + /v1/batches) at this share of
+    # the on-demand price. Empty base URL / key: those of spill.
+    spill_batch_enabled: bool = True
+    spill_batch_base_url: str = ""
+    spill_batch_api_key: SecretStr = SecretStr("")
+    spill_batch_completion_window: str = Field(default="24h", pattern=r"^[1-9][0-9]*[smhd]$")
+    spill_batch_discount: float = Field(default=0.5, gt=0, le=1)
+    spill_batch_poll_seconds: PositiveFloat = 60.0
     gpu_dead_after: PositiveInt = 60
 
     # -- router (`postroom beat`): when to spill

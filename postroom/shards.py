@@ -172,7 +172,12 @@ def extend_leases(
         result = session.execute(
             update(Shard)
             .where(_held(job_id, shard_no, attempt))
-            .values(lease_until=func.now() + timedelta(seconds=lease_seconds))
+            # Never shorter: a shard parked on a remote batch keeps its long lease.
+            .values(
+                lease_until=func.greatest(
+                    Shard.lease_until, func.now() + timedelta(seconds=lease_seconds)
+                )
+            )
         )
         extended += result.rowcount  # type: ignore[attr-defined]
     return extended

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import typer
 
-from postroom_cli import admin_commands, job_commands, server_commands, webhook_commands
+from postroom_cli import (
+    admin_commands,
+    job_commands,
+    plan_command,
+    server_commands,
+    webhook_commands,
+)
 
 app = typer.Typer(help="Postroom: classify documents in bulk.", no_args_is_help=True)
 
@@ -27,6 +33,7 @@ for name, command in (
     ("delete", job_commands.delete),
     ("eval", job_commands.eval_),
     ("demo", job_commands.demo),
+    ("plan", plan_command.plan),
 ):
     app.command(name)(command)
 app.add_typer(admin_commands.keys_app, name="keys")

@@ -13,7 +13,6 @@ and upsert path makes the rerun harmless.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from tenacity import (
 from postroom.domain import DocResult, JobSpec
 from postroom.prompts import instructions_text
 from postroom.settings import Settings
+from postroom.spill_answers import answer_confidence, parse_answer, response_schema
 from worker.loop import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -74,34 +74,6 @@ class CircuitBreaker:
         if self.consecutive >= self.failures and self.opened_at is None:
             self.opened_at = time.monotonic()
             logger.warning("circuit breaker opened after %d failures", self.consecutive)
-
-
-def response_schema(labels: Sequence[str]) -> dict[str, Any]:
-    return {
-        "type": "json_schema",
-        "json_schema": {
-            "name": "classification",
-            "strict": True,
-            "schema": {
-                "type": "object",
-                "properties": {"label": {"type": "string", "enum": list(labels)}},
-                "required": ["label"],
-                "additionalProperties": False,
-            },
-        },
-    }
-
-
-def parse_answer(content: str | None, labels: Sequence[str]) -> tuple[str | None, str | None]:
-    """(label, None) for a valid answer, else (None, why it is not one)."""
-    try:
-        value = json.loads(content or "")
-    except ValueError:
-        return None, f"unparseable answer {str(content)[:40]!r}"
-    label = value.get("label") if isinstance(value, dict) else value
-    if isinstance(label, str) and label in labels:
-        return label, None
-    return None, f"answer {str(label)[:40]!r} is not one of the labels"
 
 
 class SpillClassifier:
@@ -175,7 +147,7 @@ class SpillClassifier:
                 return DocResult(
                     id=doc_id,
                     label=label,
-                    confidence=_confidence(choice),
+                    confidence=answer_confidence(choice),
                     tokens_in=tokens_in,
                     tokens_out=tokens_out,
                 )
@@ -264,11 +236,3 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value else None
     except ValueError:
         return None
-
-
-def _confidence(choice: Any) -> float | None:
-    logprobs = getattr(choice, "logprobs", None)
-    content = getattr(logprobs, "content", None) if logprobs else None
-    if not content:
-        return None
-    return round(math.exp(sum(token.logprob for token in content)), 6)

@@ -38,6 +38,7 @@ from postroom.shards import (
     split_shard,
 )
 from postroom.storage import StorageError
+from worker.batch_spill import submit_batch, wants_batch
 from worker.classifier import ModelNotHosted
 from worker.runtime import Runtime, get_runtime
 from worker.spill import SpillUnavailable
@@ -152,6 +153,13 @@ def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
         )
         if run.claimed.crashes >= limit and len(docs) > 1:
             return split_poison_shard(runtime, run, docs, celery)
+        if (
+            run.claimed.crashes < limit
+            and run.order.status != JobStatus.cancelled
+            and wants_batch(runtime, run)
+            and submit_batch(runtime, run, docs)
+        ):
+            return {"claimed": True, "committed": False, "batched": True}
         run.results = _classify(runtime, run, docs, poison=run.claimed.crashes >= limit)
         run.mark("classified")
         if not _commit(runtime, run, docs):

@@ -20,7 +20,7 @@ from alembic import op
 from postroom.partitions import DAYS_AHEAD, SHARED, day_partition_sql
 
 revision: str = "0015"
-down_revision: str | None = "0010"
+down_revision: str | None = "0014"
 
 
 def _days(bind: sa.Connection) -> dict[str, str]:

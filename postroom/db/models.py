@@ -265,3 +265,31 @@ class WebhookDelivery(Base):
     log: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SpillBatch(Base):
+    """A shard attempt sent to a provider's batch endpoint (patient spill, postroom.spill_batches).
+
+    The row is written before anything is sent, and the remote batch id recorded as soon as the
+    provider returns it, so the beat's poll acts on every batch it ever submitted: `submitting`
+    → `submitted` → `collected` (results committed) or `returned` (expired, failed or refused: the
+    shard went back to the router) or `superseded` (another attempt finished the shard).
+    """
+
+    __tablename__ = "spill_batches"
+    __table_args__ = (
+        Index("ix_spill_batches_open", "state", postgresql_where=text("state = 'submitted'")),
+    )
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    shard_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    remote_batch_id: Mapped[str | None] = mapped_column(String(200))
+    input_file_id: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
