@@ -35,8 +35,10 @@ def make_job(
     tenant: str | None = None,
     priority: str = "normal",
     deadline: datetime | None = None,
+    receiving: bool = False,
 ) -> uuid.UUID:
-    """A committed job with shards of these sizes on `queue`, for a tenant of its own."""
+    """A committed job with shards of these sizes on `queue`, for a tenant of its own
+    (`receiving`: `validating`, as an upload that started early, with no shards yet)."""
     job_id = uuid.uuid4()
     with sessions.begin() as session:
         tenant_id = ensure_tenant(session=session, name=tenant or f"t-{job_id.hex[:12]}")
@@ -56,6 +58,7 @@ def make_job(
                 rejected=rejected,
                 queue=queue,
             ),
+            receiving=receiving,
         )
     return job_id
 
