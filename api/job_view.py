@@ -11,7 +11,7 @@ from api.schemas import JobPublic
 from postroom.costs import spend
 from postroom.db.models import Job
 from postroom.domain import JOB_ACTIVE, JobSpec
-from postroom.jobs import job_counts, spend_by_route
+from postroom.jobs import job_counts, root_shards, spend_by_route
 from postroom.registry import live_models, waiting_note
 from postroom.settings import Settings
 
@@ -40,7 +40,7 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         deadline=job.deadline,
         metadata=job.job_metadata,
         counts=counts,
-        shards=job.shard_count,
+        shards=root_shards(session=session, job=job),
         warnings=list(job.warnings or []),
         error=job.error,
         created_at=job.created_at,

@@ -25,6 +25,7 @@ from postroom.backlog import (
     shards_to_republish,
     unwritten_result_shards,
 )
+from postroom.deletion import withdraw_abandoned_uploads
 from postroom.domain import QUEUE_SPILL
 from postroom.exports import export_finished_jobs
 from postroom.jobs import work_order
@@ -47,6 +48,7 @@ class ReapReport:
     rewritten: int = 0
     exported: int = 0
     trimmed: int = 0
+    withdrawn: int = 0
 
 
 def rewrite_missing_results(
@@ -119,6 +121,12 @@ def reap(
     with sessions.begin() as session:
         report.expired = expire_leases(session=session)
         queues = claimable_queues(session=session)
+        # An upload ends (or is cut off with 408) within the request deadline; a minute more
+        # covers sealing it.
+        report.withdrawn = withdraw_abandoned_uploads(
+            session=session, older_than_seconds=settings.request_deadline_seconds + 60
+        )
+    REAPER_ACTIONS.labels("withdrawn").inc(report.withdrawn)
     REAPER_ACTIONS.labels("rewritten").inc(report.rewritten)
     REAPER_ACTIONS.labels("expired").inc(report.expired)
     try:

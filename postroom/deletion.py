@@ -88,6 +88,24 @@ def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.
     return int(row.total_docs)
 
 
+def withdraw_abandoned_uploads(*, session: Session, older_than_seconds: float) -> int:
+    """Delete jobs still `validating` long after any upload could still stream into them (the
+    API that received them died mid-upload, after shards started: postroom.submit's early
+    start); the purge removes their rows and objects. Returns how many were withdrawn."""
+    cutoff = func.now() - timedelta(seconds=older_than_seconds)
+    stale = session.scalars(
+        select(Job.id).where(
+            Job.status == JobStatus.validating, Job.created_at < cutoff, Job.deleted_at.is_(None)
+        )
+    ).all()
+    for job_id in stale:
+        mark_deleted(session=session, tenant_id=None, job_id=job_id)
+        logger.warning(
+            "job %s withdrawn: its upload never ended (the API died mid-upload?)", job_id
+        )
+    return len(stale)
+
+
 def shards_in_flight(*, session: Session, job_id: uuid.UUID) -> int:
     """Shards of the job a worker may still write for: running on a live lease, or committed
     with the S3 result object not yet written (recently)."""

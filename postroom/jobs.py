@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -22,7 +22,7 @@ from postroom.domain import JOB_ACTIVE, SPILL_ROUTES, JobSpec, JobStatus, ShardS
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.partitions import ensure_job_partition, insert_routed, results_part
-from postroom.shards import add_shards, cancel_unclaimed
+from postroom.shards import EARLY_SHARD_BASE, add_shards, cancel_unclaimed, complete_job_if_done
 from postroom.webhooks import enqueue_job_event
 
 logger = logging.getLogger(__name__)
@@ -67,16 +67,24 @@ def own_partition_ahead(*, session: Session, job: Job) -> None:
         logger.warning("job %s: its results partition is left to its first writer: %s", job.id, e)
 
 
-def create_job(*, session: Session, new: NewJob) -> Job:
-    """Insert the job, its shards and the failed results of skipped lines (status `queued`)."""
+def create_job(*, session: Session, new: NewJob, receiving: bool = False) -> Job:
+    """Insert the job, its shards and the failed results of skipped lines (status `queued`).
+
+    `receiving`: the upload still streams (postroom.submit's early start): the job starts
+    `validating` with no shards; add_received_shards adds them as they are written and
+    seal_received_job the rest once the upload ended.
+    """
     total = sum(new.shard_sizes) + len(new.rejected)
     # Nothing to run: it ends as it is created, `failed` when every line it had was skipped.
     ended = JobStatus.failed if new.rejected else JobStatus.completed
+    status = JobStatus.queued if new.shard_sizes else ended
+    if receiving:
+        status = JobStatus.validating
     job = Job(
         id=new.job_id,
         tenant_id=new.tenant_id,
-        status=JobStatus.queued if new.shard_sizes else ended,
-        error=ALL_INVALID if not new.shard_sizes and new.rejected else None,
+        status=status,
+        error=ALL_INVALID if status == JobStatus.failed else None,
         spec=new.spec.model_dump(mode="json"),
         model=new.spec.model,
         spill=new.spill,
@@ -91,48 +99,104 @@ def create_job(*, session: Session, new: NewJob) -> Job:
         webhook_url=new.webhook_url,
         expires_after=new.expires_after,
         own_partition=new.own_partition,
-        total_docs=total,
-        rejected_docs=len(new.rejected),
-        shard_count=len(new.shard_sizes),
-        finished_at=None if new.shard_sizes else func.now(),
+        total_docs=0 if receiving else total,
+        rejected_docs=0 if receiving else len(new.rejected),
+        shard_count=EARLY_SHARD_BASE if receiving else len(new.shard_sizes),
+        finished_at=None if receiving or new.shard_sizes else func.now(),
     )
     session.add(job)
     session.flush()
     if new.own_partition:
         own_partition_ahead(session=session, job=job)
+    if receiving:
+        return job
     add_shards(
         session=session, job_id=new.job_id, shards=list(enumerate(new.shard_sizes)), queue=new.queue
     )
-    if new.rejected:
-        created_at = job.created_at  # the server's now(), read back after the flush
-        part = results_part(new.job_id, own_partition=new.own_partition)
-        rows = [
-            {
-                "job_id": new.job_id,
-                "doc_id": r.result_id,
-                "job_created_at": created_at,
-                "part": part,
-                "shard_no": -1,
-                "line": r.line,
-                "error": f"invalid_document: line {r.line}"
-                + (f", field {r.field}" if r.field else "")
-                + f": {r.reason}",
-                "model": new.spec.model,
-                "revision": new.spec.revision,
-            }
-            for r in new.rejected
-        ]
-        insert_routed(
-            session,
-            insert(Result),
-            rows,
-            job_id=new.job_id,
-            job_created_at=created_at,
-            part=part,
-        )
+    _insert_rejected(session=session, job=job, new=new)
     if not new.shard_sizes:
         enqueue_job_event(session=session, job_id=new.job_id, event=f"job.{ended}")
     return job
+
+
+def add_received_shards(
+    *, session: Session, job_id: uuid.UUID, first: int, sizes: Sequence[int], queue: str
+) -> bool:
+    """Add the shards `first`, `first + 1`, … of a job still receiving its upload and count their
+    documents; False (nothing added) when the job is no longer `validating` (cancelled or
+    deleted meanwhile). The job row is locked, so this and a cancel are ordered."""
+    status = session.execute(
+        select(Job.status).where(Job.id == job_id).with_for_update(key_share=True)
+    ).scalar_one()
+    if status != JobStatus.validating:
+        return False
+    add_shards(
+        session=session,
+        job_id=job_id,
+        shards=[(first + i, size) for i, size in enumerate(sizes)],
+        queue=queue,
+    )
+    session.execute(
+        update(Job).where(Job.id == job_id).values(total_docs=Job.total_docs + sum(sizes))
+    )
+    return True
+
+
+def seal_received_job(*, session: Session, job: Job, new: NewJob, first: int) -> None:
+    """The upload of a `validating` job ended: add its shards from `first` on, the failed results
+    of skipped lines and the totals; it becomes `queued` (`running` when a shard started) and
+    `completed` at once if every shard is done already. A job cancelled meanwhile stays so."""
+    if not add_received_shards(
+        session=session,
+        job_id=new.job_id,
+        first=first,
+        sizes=new.shard_sizes[first:],
+        queue=new.queue,
+    ):
+        session.refresh(job)
+        return
+    session.execute(
+        update(Job)
+        .where(Job.id == new.job_id)
+        .values(
+            status=case(
+                (Job.started_at.is_(None), JobStatus.queued.value), else_=JobStatus.running.value
+            ),
+            total_docs=sum(new.shard_sizes) + len(new.rejected),
+            rejected_docs=len(new.rejected),
+            estimate=new.estimate,
+        )
+    )
+    _insert_rejected(session=session, job=job, new=new)
+    complete_job_if_done(session=session, job_id=new.job_id)
+    session.refresh(job)
+
+
+def _insert_rejected(*, session: Session, job: Job, new: NewJob) -> None:
+    """The failed results of the lines an on_invalid=skip job runs without."""
+    if not new.rejected:
+        return
+    created_at = job.created_at  # the server's now(), read back after the flush
+    part = results_part(new.job_id, own_partition=job.own_partition)
+    rows = [
+        {
+            "job_id": new.job_id,
+            "doc_id": r.result_id,
+            "job_created_at": created_at,
+            "part": part,
+            "shard_no": -1,
+            "line": r.line,
+            "error": f"invalid_document: line {r.line}"
+            + (f", field {r.field}" if r.field else "")
+            + f": {r.reason}",
+            "model": new.spec.model,
+            "revision": new.spec.revision,
+        }
+        for r in new.rejected
+    ]
+    insert_routed(
+        session, insert(Result), rows, job_id=new.job_id, job_created_at=created_at, part=part
+    )
 
 
 def find_job(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID) -> Job:
@@ -176,6 +240,20 @@ class JobCounts(BaseModel):
     pending: int
     spilled: int
     cancelled: int
+
+
+def root_shards(*, session: Session, job: Job) -> int:
+    """How many shards the job's documents were cut into (split parts not counted). A job that
+    started early keeps EARLY_SHARD_BASE as its `shard_count`, so its shards are counted."""
+    if job.shard_count < EARLY_SHARD_BASE:
+        return job.shard_count
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(Shard)
+            .where(Shard.job_id == job.id, Shard.shard_no < EARLY_SHARD_BASE)
+        ).scalar_one()
+    )
 
 
 def job_counts(*, session: Session, job: Job) -> JobCounts:

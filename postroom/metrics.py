@@ -40,7 +40,8 @@ SPILLED_SHARDS = Counter("postroom_router_spilled_shards_total", "Shards the rou
 REAPER_ACTIONS = Counter(
     "postroom_reaper_actions_total",
     "Reaper actions: expired (leases run out), republished (lost messages), rewritten (result "
-    "objects rebuilt from Postgres), trimmed (excess doorbells dropped)",
+    "objects rebuilt from Postgres), trimmed (excess doorbells dropped), withdrawn (jobs whose "
+    "upload died mid-way)",
     ["action"],
 )
 

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     max_request_bytes: PositiveInt = 100_000_000
     # One upload (/v1/jobs/upload, /v1/files, input_uri), counted after gzip decompression.
     max_upload_bytes: PositiveInt = 8 * 1024**3
+    # An upload without an Idempotency-Key runs its shards while the rest still streams (the job
+    # is `validating` meanwhile); false: nothing runs before the whole upload is in.
+    upload_early_start: bool = True
     # A gzip upload that expands more than this (past the first MiB) is refused as a bomb.
     max_gzip_ratio: PositiveInt = 100
     # How deep `metadata` (of a document or a job) may nest objects and lists.

@@ -4,7 +4,9 @@ reading goes on, at most a few in memory; a failed submission deletes what it wr
 from __future__ import annotations
 
 import collections
+import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -18,17 +20,32 @@ class ShardWriter:
     `backlogged` calls `drain()` (blocking), and `flush()` once at the end, which raises the first
     write error."""
 
-    def __init__(self, storage: Storage, job_id: uuid.UUID, *, in_flight: int = 4) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        job_id: uuid.UUID,
+        *,
+        in_flight: int = 4,
+        on_landed: Callable[[], object] | None = None,
+    ) -> None:
         self.storage = storage
         self.job_id = job_id
         self.in_flight = in_flight
         self.written = 0
+        # Shards 0 … landed - 1 are all in S3 (some later ones may be too); `on_landed` is called
+        # on the writing thread after each write (its error fails that write, raised by flush).
+        self.landed = 0
+        self.sizes: list[int] = []  # documents per shard, by shard number
+        self.on_landed = on_landed
+        self._lock = threading.Lock()
+        self._out_of_order: set[int] = set()
         self._futures: collections.deque[Future[None]] = collections.deque()
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, shard_no: int, docs: list[dict[str, Any]]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
+        self.sizes.append(len(docs))
         self._futures.append(self._pool.submit(self._put, shard_no, docs))
 
     @property
@@ -61,6 +78,13 @@ class ShardWriter:
 
     def _put(self, shard_no: int, docs: list[dict[str, Any]]) -> None:
         self.storage.put_bytes(input_shard_key(self.job_id, shard_no), encode_jsonl(docs))
+        with self._lock:
+            self._out_of_order.add(shard_no)
+            while self.landed in self._out_of_order:
+                self._out_of_order.discard(self.landed)
+                self.landed += 1
+        if self.on_landed is not None:
+            self.on_landed()
 
     def _close(self) -> None:
         if self._pool is not None:

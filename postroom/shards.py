@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from postroom.db.models import Job, Shard
 from postroom.domain import (
-    JOB_ACTIVE,
     QUEUE_SPILL,
     SHARD_CLAIMABLE,
     SHARD_FINISHED,
@@ -108,6 +107,13 @@ def claim_shard(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.queued)
             .values(status=JobStatus.running, started_at=func.now())
+        )
+        # A job still receiving its upload (`validating`) runs early shards but stays
+        # `validating` until the upload is sealed (postroom.submit): only its start is stamped.
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.validating, Job.started_at.is_(None))
+            .values(started_at=func.now())
         )
     if attempt is None:
         return None
@@ -247,7 +253,7 @@ def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
     status = session.execute(
         select(Job.status).where(Job.id == job_id).with_for_update(key_share=True)
     ).scalar_one()
-    if status not in JOB_ACTIVE:
+    if status not in (JobStatus.queued, JobStatus.running):  # `validating`: more may come
         return False
     unfinished = session.execute(
         select(func.count())
@@ -306,6 +312,23 @@ def mark_published(*, session: Session, shards: Sequence[tuple[uuid.UUID, int]])
             .where(Shard.job_id == job_id, Shard.shard_no.in_(numbers))
             .values(enqueued_at=func.now())
         )
+
+
+# Child shard numbers start at a job's `shard_count` (child_shard_nos), so a job that runs shards
+# while its upload still streams (postroom.submit) cannot know it: such a job takes this bound as
+# its `shard_count` from the start (an upload has fewer root shards: see early_start_fits).
+EARLY_SHARD_BASE = 2**21
+INT32_MAX = 2**31 - 1
+
+
+def early_start_fits(*, shard_size: int, fanout: int) -> bool:
+    """Whether the numbers of the deepest split parts of an early job fit the int column: each
+    level of splitting multiplies the largest number by about fanout + 1, down to one document."""
+    depth, size = 0, shard_size
+    while size > 1:
+        size = -(-size // fanout)
+        depth += 1
+    return bool(EARLY_SHARD_BASE * (fanout + 1) ** depth < INT32_MAX)
 
 
 def child_shard_nos(shard_no: int, *, shard_count: int, fanout: int, parts: int) -> list[int]:

@@ -6,12 +6,18 @@ objects, or a byte stream of JSONL, gzip or not) → seal (refuse bad lines or n
 shard writes) → record (job and shard rows, in the caller's transaction) → publish (after the
 caller's commit). Until it is recorded, a failure deletes what it wrote to S3: use it as a context
 manager (`with` or `async with`), so no half job is left behind whatever goes wrong.
+
+An upload may start early (`start_early`): the job is recorded `validating` with its first shard
+and every shard runs as soon as it is in S3, so the engine works while the rest still streams. A
+failure then withdraws the job (deleted, its rows and objects purged), so the caller still sees a
+refused request and no job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,10 +25,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.costs import estimate
 from postroom.db.models import Job
+from postroom.deletion import mark_deleted
 from postroom.domain import (
     DEFAULT_INSTRUCTIONS,
     QUEUE_SPILL,
@@ -34,9 +41,9 @@ from postroom.domain import (
     Priority,
     SpillPolicy,
 )
-from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput
+from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput, PayloadTooLarge
 from postroom.intake import Intake
-from postroom.jobs import NewJob, create_job
+from postroom.jobs import NewJob, add_received_shards, create_job, seal_received_job
 from postroom.keys import rejected_lines_key
 from postroom.labels import label_collisions, validate_labels
 from postroom.lines import LineStream, StreamLimits
@@ -46,6 +53,7 @@ from postroom.quotas import admit_job
 from postroom.registry import choose_model
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
+from postroom.shards import EARLY_SHARD_BASE, early_start_fits
 from postroom.storage import Storage
 from postroom.webhook_targets import check_webhook_url
 
@@ -168,6 +176,17 @@ class Submission:
         self.job: Job | None = None
         self.created = False
         self._stream: LineStream | None = None
+        # Early start (start_early): where to record shards while the upload streams, and how
+        # many root shards are recorded so far.
+        self._early: tuple[sessionmaker[Session], Celery, uuid.UUID] | None = None
+        self._sessions: sessionmaker[Session] | None = None
+        self.early_shards = 0
+        self.received_early = False  # the job row exists, `validating`, since the first shard
+        self._closing = False  # record() began: the shard writer publishes no more
+        self._sealed = False  # committed and published: a later error withdraws nothing
+        self._lock = threading.Lock()  # early publishing (writer threads) vs sealing
+        self._body_bytes: int | None = None
+        self._fed_bytes = 0
 
     @classmethod
     def start(
@@ -211,6 +230,7 @@ class Submission:
         caller drains in a thread while `backlogged`."""
         assert self._stream is not None, "open_stream() first"
         self._stream.feed(chunk)
+        self._fed_bytes += len(chunk)
         if wait and self.writer.backlogged:
             self.writer.drain()
 
@@ -220,6 +240,99 @@ class Submission:
 
     def drain(self) -> None:
         self.writer.drain()
+
+    # -- early start: shards run while the upload streams
+
+    def start_early(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        celery: Celery,
+        tenant_id: uuid.UUID,
+        body_bytes: int | None = None,
+    ) -> bool:
+        """Run shards while the upload streams: each shard is recorded and announced as soon as
+        it is in S3 (on the shard writer's thread), the first one with the job, `validating`.
+        Off when POSTROOM_UPLOAD_EARLY_START is false or split parts' numbers could overflow;
+        the caller keeps requests with an Idempotency-Key on the plain path (a repeat must not
+        run twice). `body_bytes` (the request's Content-Length) lets the job's size be foreseen
+        from its first shards: a job heading past POSTROOM_RESULTS_OWN_PARTITION_DOCS gets its
+        results partition of its own; without it the job shares the day's."""
+        self._body_bytes = body_bytes
+        fits = early_start_fits(
+            shard_size=self.settings.shard_size, fanout=self.settings.split_fanout
+        )
+        if self.settings.upload_early_start and fits:
+            self._early = (sessions, celery, tenant_id)
+            self._sessions = sessions
+            self.writer.on_landed = self.publish_landed
+        return self._early is not None
+
+    @property
+    def early(self) -> bool:
+        return self._early is not None
+
+    def publish_landed(self) -> int:
+        """Record the shards that reached S3 since the last call and ring their doorbells (the
+        first call records the job). Nothing once a line is bad under on_invalid=reject (the job
+        will be refused), after the job was cancelled, or after a failure here (raised: it fails
+        the shard write, so the upload is refused at its end and the job withdrawn). Returns how
+        many shards were published."""
+        with self._lock:
+            if self._early is None or self._closing:
+                return 0
+            try:
+                return self._publish_landed(*self._early)
+            except BaseException:
+                self._early = None
+                raise
+
+    def _publish_landed(
+        self, sessions: sessionmaker[Session], celery: Celery, tenant_id: uuid.UUID
+    ) -> int:
+        ready = self.writer.landed
+        if ready <= self.early_shards:
+            return 0
+        if self.intake.rejected_count and self.on_invalid == "reject":
+            return 0
+        if ready > EARLY_SHARD_BASE:
+            raise PayloadTooLarge(
+                f"more than {EARLY_SHARD_BASE * self.settings.shard_size:,} documents in one "
+                "upload; split it into several jobs",
+                details=[{"field": "documents"}],
+            )
+        sizes = self.writer.sizes[self.early_shards : ready]
+        with sessions() as session:
+            self._admit(session=session, tenant_id=tenant_id, docs=sum(sizes))
+            if self.job is None:
+                new = self._new_job(tenant_id, None, None, expected_docs=self._foreseen_docs())
+                self.job = create_job(session=session, new=new, receiving=True)
+                self.received_early = True
+            added = add_received_shards(
+                session=session,
+                job_id=self.job_id,
+                first=self.early_shards,
+                sizes=sizes,
+                queue=self._queue(),
+            )
+            session.commit()
+            if not added:  # cancelled or deleted while it streamed: the rest is not run
+                self._early = None
+                return 0
+            self.early_shards = ready
+            published = publish_job(session=session, celery=celery, job_id=self.job_id)
+            session.commit()
+        return published
+
+    def _withdraw(self) -> None:
+        """The upload of an early-started job failed: delete the job (404 from now on; the
+        beat's purge removes its rows and S3 objects) and what this submission wrote."""
+        assert self._sessions is not None
+        with self._sessions() as session:
+            mark_deleted(session=session, tenant_id=None, job_id=self.job_id)
+            session.commit()
+        logger.info("job %s withdrawn: its upload failed after shards started", self.job_id)
+        self.writer.discard()
 
     # -- sealing, recording, publishing
 
@@ -261,27 +374,92 @@ class Submission:
         """Insert the job, its shards and the failed results of skipped lines (the caller
         commits). `created` says whether it is new: an idempotent repeat (the same key and body)
         returns the existing job and discards what this submission wrote."""
-        assert self.options is not None, "prepare() first"
-        assert self.spec is not None
-        options, spec, intake = self.options, self.spec, self.intake
+        intake = self.intake
+        if self.received_early:  # started early: seal what streamed in
+            with self._lock:
+                self._closing = True  # no more early publishing; the rest is published below
+            job = session.get(Job, self.job_id, populate_existing=True)
+            assert job is not None
+            self._admit(
+                session=session,
+                tenant_id=tenant_id,
+                docs=sum(intake.shard_sizes[self.early_shards :]) + len(intake.rejected),
+            )
+            self._store_rejected()
+            seal_received_job(
+                session=session,
+                job=job,
+                new=self._new_job(tenant_id, None, None),
+                first=self.early_shards,
+            )
+            self.job, self.created = job, True
+            return job
         if idempotency_key:
             existing = _existing(session, tenant_id, idempotency_key, body_hash)
             if existing is not None:
                 return self._repeat_of(existing)
+        self._admit(
+            session=session, tenant_id=tenant_id, docs=intake.accepted + len(intake.rejected)
+        )
+        self._store_rejected()
+        new = self._new_job(tenant_id, idempotency_key, body_hash)
+        try:
+            with session.begin_nested():
+                self.job = create_job(session=session, new=new)
+        except IntegrityError:
+            # Two requests with the same Idempotency-Key raced; the other one won.
+            existing = _existing(session, tenant_id, idempotency_key or "", body_hash)
+            if existing is None:
+                raise
+            return self._repeat_of(existing)
+        self.created = True
+        return self.job
+
+    def _admit(self, *, session: Session, tenant_id: uuid.UUID, docs: int) -> None:
+        assert self.options is not None, "prepare() first"
         admit_job(
             session=session,
             tenant_id=tenant_id,
-            docs=intake.accepted + len(intake.rejected),
-            priority=options.priority,
+            docs=docs,
+            priority=self.options.priority,
             settings=self.settings,
         )
-        if intake.rejected and options.on_invalid == "skip":
+
+    def _store_rejected(self) -> None:
+        """The bad lines an on_invalid=skip job runs without, for `GET …/results`."""
+        intake = self.intake
+        if intake.rejected and self.on_invalid == "skip":
             self.storage.put_jsonl(
                 rejected_lines_key(self.job_id),
                 ({**r.detail(), "result_id": r.result_id} for r in intake.rejected),
             )
+
+    def _queue(self) -> str:
+        """`always` jobs go straight to the managed API; the router moves others when it must."""
+        assert self.options is not None
+        assert self.spec is not None
+        return QUEUE_SPILL if self.options.spill == "always" else gpu_queue(self.spec.model)
+
+    def _foreseen_docs(self) -> int:
+        """The documents the whole upload will hold, judged from its bytes so far; 0 when its
+        length is not declared (a chunked body)."""
+        if not self._body_bytes or not self._fed_bytes:
+            return 0
+        return int(self.intake.accepted * self._body_bytes / self._fed_bytes)
+
+    def _new_job(
+        self,
+        tenant_id: uuid.UUID,
+        idempotency_key: str | None,
+        body_hash: str | None,
+        *,
+        expected_docs: int | None = None,
+    ) -> NewJob:
+        assert self.options is not None, "prepare() first"
+        assert self.spec is not None
+        options, spec, intake = self.options, self.spec, self.intake
         prompt_chars = len(instructions_text(spec.labels, spec.instructions))
-        new = NewJob(
+        return NewJob(
             job_id=self.job_id,
             max_spill_cost=options.max_spill_cost,
             webhook_url=options.webhook_url,
@@ -299,24 +477,12 @@ class Submission:
             body_hash=body_hash,
             shard_sizes=intake.shard_sizes,
             rejected=intake.rejected,
-            # `always` jobs go straight to the managed API; the router moves others when it must.
-            queue=QUEUE_SPILL if options.spill == "always" else gpu_queue(spec.model),
+            queue=self._queue(),
             warnings=self.warnings,
             own_partition=0
             < self.settings.results_own_partition_docs
-            <= intake.accepted + len(intake.rejected),
+            <= (expected_docs or intake.accepted + len(intake.rejected)),
         )
-        try:
-            with session.begin_nested():
-                self.job = create_job(session=session, new=new)
-        except IntegrityError:
-            # Two requests with the same Idempotency-Key raced; the other one won.
-            existing = _existing(session, tenant_id, idempotency_key or "", body_hash)
-            if existing is None:
-                raise
-            return self._repeat_of(existing)
-        self.created = True
-        return self.job
 
     def publish(self, *, session: Session, celery: Celery) -> int:
         """Ring the doorbells of a job this submission created; call after the commit (a worker
@@ -324,6 +490,7 @@ class Submission:
         outage leaves the shards to the reaper."""
         if not self.created:
             return 0
+        self._sealed = True
         return publish_job(session=session, celery=celery, job_id=self.job_id)
 
     def discard(self) -> None:
@@ -339,7 +506,11 @@ class Submission:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None and self.job is None:
+        if kind is None:
+            return
+        if self.received_early and not self._sealed:
+            self._withdraw()
+        elif self.job is None:
             self.discard()
 
     async def __aenter__(self) -> Submission:
@@ -347,8 +518,7 @@ class Submission:
 
     async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
         # Discarding waits for writes in flight: off the event loop.
-        if kind is not None and self.job is None:
-            await asyncio.to_thread(self.discard)
+        await asyncio.to_thread(self.__exit__, kind)
 
 
 def _existing(

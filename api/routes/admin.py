@@ -18,6 +18,7 @@ from api.deps import AdminDep, SessionDep, SettingsDep
 from api.pages import decode_cursor, encode_cursor
 from postroom.db.models import Job, Tenant
 from postroom.errors import NotFound
+from postroom.jobs import root_shards
 from postroom.quotas import set_overrides, tenant_overview
 from postroom.tenants import KeyInfo, list_keys, revoke_key
 
@@ -115,7 +116,7 @@ def list_all_jobs(
             status=job.status,
             model=job.model,
             total_docs=job.total_docs,
-            shards=job.shard_count,
+            shards=root_shards(session=session, job=job),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

@@ -181,8 +181,24 @@ async def upload_job(
     sessions: sessionmaker[Session] = request.app.state.sessions
     sub = await run_in_threadpool(_start, sessions, options, storage, settings)
     hasher = hashlib.sha256(options.model_dump_json().encode())
-    # Nothing is committed until the end (bad lines, too big, too slow, the client went away):
-    # leaving the block with an error deletes what this upload wrote, so no half job is left.
+    edge = Edge(celery, caller.tenant_id, idempotency_key, response, settings)
+
+    def finish() -> JobPublic:
+        with sessions() as session:
+            return _submit(sub, hasher.hexdigest(), edge, session=session)
+
+    # Shards run as they land in S3 (the job is `validating` until the body ends), except for
+    # a request with an Idempotency-Key: its repeat must find the job before anything runs.
+    # Leaving the block with an error (bad lines, too big, too slow, the client went away)
+    # deletes what this upload wrote, or withdraws the job it started, so no half job is left.
+    if idempotency_key is None:
+        length = request.headers.get("content-length", "")
+        sub.start_early(
+            sessions=sessions,
+            celery=celery,
+            tenant_id=caller.tenant_id,
+            body_bytes=int(length) if length.isdigit() else None,
+        )
     async with sub:
         chunks, gzip, name = await body_source(request)
         sub.open_stream(gzip=gzip, name=name)
@@ -192,14 +208,7 @@ async def upload_job(
             if sub.backlogged:
                 await run_in_threadpool(sub.drain)
         await run_in_threadpool(sub.seal)
-
-    edge = Edge(celery, caller.tenant_id, idempotency_key, response, settings)
-
-    def finish() -> JobPublic:
-        with sessions() as session:
-            return _submit(sub, hasher.hexdigest(), edge, session=session)
-
-    return await run_in_threadpool(finish)
+        return await run_in_threadpool(finish)
 
 
 def _start(

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from postroom.db.models import Job, Shard
+from postroom.domain import ShardState
+from postroom.keys import result_shard_key
+from postroom.storage import Storage
 from postroom_cli.client import Client
-from tests.helpers import LABELS, wait_for_status
+from tests.helpers import LABELS, make_docs, wait_for_status
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -99,3 +108,80 @@ def test_multipart_file_upload(client: Client) -> None:
     assert response.status_code == 201, response.text
     job = wait_for_status(client, response.json()["id"])
     assert job["counts"]["succeeded"] == 5
+
+
+def _streamed(docs: list[dict], pause_after: int, pause: Callable[[], object]) -> Iterator[bytes]:  # type: ignore[type-arg]
+    """The body one line at a time, calling `pause` (which waits) after line `pause_after`."""
+    for number, doc in enumerate(docs, start=1):
+        yield (json.dumps(doc) + "\n").encode()
+        if number == pause_after:
+            pause()
+
+
+def _early_job(sessions: sessionmaker[Session]) -> Job | None:
+    """A job that is still receiving and has a finished shard, if any (tests run one by one)."""
+    with sessions() as session:
+        return session.execute(
+            select(Job)
+            .join(Shard, Shard.job_id == Job.id)
+            .where(
+                Job.status == "validating",
+                Shard.state == ShardState.done,
+            )
+            .limit(1)
+        ).scalar_one_or_none()
+
+
+def test_shards_run_while_the_upload_still_streams(
+    client: Client, sessions: sessionmaker[Session], storage: Storage
+) -> None:
+    docs = make_docs(1000, prefix="early")
+    seen: list[Job] = []
+
+    def first_shard_done() -> None:  # the body stays open until a shard is classified
+        seen.append(wait_until(lambda: _early_job(sessions), timeout=20, what="a shard"))
+
+    response = client.http.post(
+        "/v1/jobs/upload",
+        params={"labels": ",".join(LABELS)},
+        content=_streamed(docs, 600, first_shard_done),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert str(seen[0].id) == job_id  # the same job, working before its last line was sent
+    job = wait_for_status(client, job_id)
+    assert (job["status"], job["counts"]["succeeded"], job["shards"]) == ("completed", 1000, 10)
+    results = list(client.results(job_id))
+    assert sorted(r["id"] for r in results) == sorted(d["id"] for d in docs)
+    lines = [
+        line
+        for shard_no in range(10)
+        for line in storage.iter_jsonl(result_shard_key(uuid.UUID(job_id), shard_no))
+    ]
+    assert sorted(line["id"] for line in lines) == sorted(d["id"] for d in docs)
+
+
+def test_an_early_started_upload_refused_at_its_end_leaves_no_job(
+    client: Client, sessions: sessionmaker[Session]
+) -> None:
+    docs = [*make_docs(400, prefix="late-bad"), {"id": "x", "text": ""}]
+    seen: list[Job] = []
+
+    def first_shard_done() -> None:
+        seen.append(wait_until(lambda: _early_job(sessions), timeout=20, what="a shard"))
+
+    response = client.http.post(
+        "/v1/jobs/upload",
+        params={"labels": ",".join(LABELS)},
+        content=_streamed(docs, 300, first_shard_done),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["line"] == 401
+    job_id = seen[0].id
+    assert client.http.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert str(job_id) not in {j["id"] for j in client.jobs()["data"]}
+    with sessions() as session:
+        row = session.get_one(Job, job_id)
+        assert (row.status, row.deleted_at is not None) == ("cancelled", True)

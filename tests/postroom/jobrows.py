@@ -36,9 +36,11 @@ def make_job(
     priority: str = "normal",
     deadline: datetime | None = None,
     own_partition: bool = False,
+    receiving: bool = False,
 ) -> uuid.UUID:
     """A committed job with shards of these sizes on `queue`, for a tenant of its own
-    (`own_partition`: its results go to a partition of their own, as a big job's do)."""
+    (`own_partition`: its results go to a partition of their own, as a big job's do;
+    `receiving`: `validating`, as an upload that started early, with no shards yet)."""
     job_id = uuid.uuid4()
     with sessions.begin() as session:
         tenant_id = ensure_tenant(session=session, name=tenant or f"t-{job_id.hex[:12]}")
@@ -59,6 +61,7 @@ def make_job(
                 queue=queue,
                 own_partition=own_partition,
             ),
+            receiving=receiving,
         )
     return job_id
 
