@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from postroom import tokens
 from postroom.errors import EngineDeadError
 from postroom.settings import ModelSpec, Settings
@@ -281,7 +284,7 @@ class EngineAdapter:
             cached_tokens=int(out.num_cached_tokens or 0),
         )
 
-    async def embed(self, prompt_ids: list[int], *, shard: str) -> list[float]:
+    async def embed(self, prompt_ids: list[int], *, shard: str) -> npt.NDArray[np.float32]:
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
@@ -298,7 +301,8 @@ class EngineAdapter:
             except Exception as e:
                 self._raise_if_dead(e)
                 raise
-        vector: list[float] = out.outputs.data.tolist()  # a float tensor: Python floats
+        # A float tensor on the CPU: its numpy view, no copy into Python floats.
+        vector: npt.NDArray[np.float32] = out.outputs.data.numpy()
         return vector
 
     async def _generate(self, prompt_ids: list[int], params: Any, *, shard: str) -> Any:
