@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     max_examples_total: PositiveInt = 200
     # How embedding mode phrases a label that has no description (a job's `label_template`
     # overrides it); must contain {name}. Measured in the README's "Real data" table.
-    embedding_label_template: str = "This text is {name}."
+    embedding_label_template: str = "This is {name}."
     max_instructions_length: PositiveInt = 20_000
     max_inline_documents: PositiveInt = 10_000
     max_document_bytes: PositiveInt = 1_000_000
@@ -315,7 +315,7 @@ class Settings(BaseSettings):
             raise ValueError("POSTROOM_MIN_LABELS must be at least 2")
         if "{name}" not in self.embedding_label_template:
             raise ValueError(
-                "POSTROOM_EMBEDDING_LABEL_TEMPLATE must contain {name}, e.g. 'This text is {name}.'"
+                "POSTROOM_EMBEDDING_LABEL_TEMPLATE must contain {name}, e.g. 'This is {name}.'"
             )
         return self
 
