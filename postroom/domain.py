@@ -49,7 +49,8 @@ class Label(BaseModel):
 
     name: str
     description: str | None = None
-    examples: list[str] | None = Field(
+    # A tuple keeps a label hashable (the OpenAI batch path keys tasks by their labels).
+    examples: tuple[str, ...] | None = Field(
         default=None, description="a few short texts that belong to this label (few-shot)"
     )
 

@@ -97,7 +97,7 @@ def validate_labels(raw: Sequence[str | Label], *, settings: Settings) -> list[L
         Label(
             name=label.name.strip(),
             description=label.description,
-            examples=[" ".join(e.split()) for e in label.examples] if label.examples else None,
+            examples=tuple(" ".join(e.split()) for e in label.examples) if label.examples else None,
         )
         for label in labels
     ]
@@ -105,7 +105,7 @@ def validate_labels(raw: Sequence[str | Label], *, settings: Settings) -> list[L
 
 def _example_problems(label: Label, where: str, settings: Settings) -> list[dict[str, Any]]:
     """What is wrong with a label's few-shot examples, each naming the label."""
-    examples = label.examples or []
+    examples: tuple[str, ...] = label.examples or ()
     problems: list[dict[str, Any]] = []
     if len(examples) > settings.max_label_examples:
         problems.append(

@@ -19,16 +19,16 @@ def _reasons(error: InvalidInput) -> str:
 
 def test_examples_within_the_limits_are_kept_with_spaces_collapsed() -> None:
     labels = validate_labels(
-        [Label(name="sports", examples=["A  late\ngoal wins it"]), "politics"], settings=SETTINGS
+        [Label(name="sports", examples=("A  late\ngoal wins it",)), "politics"], settings=SETTINGS
     )
-    assert labels[0].examples == ["A late goal wins it"]
+    assert labels[0].examples == ("A late goal wins it",)
     assert labels[1].examples is None
 
 
 def test_each_broken_limit_names_the_label_and_the_fix() -> None:
     raw: list[str | Label] = [
-        Label(name="sports", examples=["a", "b", "c", "d"]),
-        Label(name="politics", examples=["x" * 41, " "]),
+        Label(name="sports", examples=("a", "b", "c", "d")),
+        Label(name="politics", examples=("x" * 41, " ")),
     ]
     with pytest.raises(InvalidLabels) as caught:
         validate_labels(raw, settings=SETTINGS)
@@ -65,7 +65,7 @@ def test_label_texts_use_the_template_only_where_there_is_no_description() -> No
 
 def test_generative_prefix_carries_the_examples_with_their_answers() -> None:
     labels = [
-        Label(name="sports", examples=['He said "goal"', "Cup final"]),
+        Label(name="sports", examples=('He said "goal"', "Cup final")),
         Label(name="politics"),
     ]
     text = instructions_text(labels, "Classify.")
