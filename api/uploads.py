@@ -34,6 +34,7 @@ def upload_options(
     webhook_url: str | None = None,
     expires_after: int | None = None,
     priority: str = "normal",
+    label_template: str | None = None,
 ) -> JobOptions:
     raw: dict[str, Any] = {
         "labels": json_or_csv(labels, "labels"),
@@ -47,6 +48,7 @@ def upload_options(
         "webhook_url": webhook_url,
         "expires_after": expires_after,
         "priority": priority,
+        "label_template": label_template,
     }
     if deadline is not None:
         raw["deadline"] = float(deadline) if is_number(deadline) else deadline

@@ -11,11 +11,16 @@ byte of the upload to the job's `finished_at`.
     .venv/bin/python bench/pipeline.py        # 6,000 docs generative (tiny), 2,000 embedding
     .venv/bin/python bench/pipeline.py --docs 2000 --modes generative --repeats 5
 
+`--baseline DIR` adds (b0): a second stack whose processes import Postroom from DIR (another
+checkout, e.g. `git worktree add /tmp/base HEAD~3`), timed in the same rotation a, b0, b, so a
+change to the pipeline is measured against the code before it in one run.
+
 Prints a table and writes bench/results/pipeline.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -143,7 +148,9 @@ class Direct:
         gc.collect()
 
 
-def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, Any]:
+def measure(
+    mode: str, docs_count: int, repeats: int, logs: Path, baseline: Path | None = None
+) -> dict[str, Any]:
     alias = MODES[mode]
     docs = make_docs(docs_count)
     texts = [d["text"] for d in docs]
@@ -156,29 +163,56 @@ def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, A
     stack_settings = settings.model_copy(update={"model": alias, "worker_models": [alias]})
     direct_runs: list[dict[str, Any]] = []
     pipeline_runs: list[dict[str, Any]] = []
-    with Stack(stack_settings, logs) as stack:
+    baseline_runs: list[dict[str, Any]] = []
+
+    def timed(stack: Stack) -> dict[str, Any]:
+        cpu = cpu_seconds()
+        run = stack.run_job(path, len(docs), model=alias)
+        run.update(cpu_split(cpu))
+        run.pop("job")
+        return run
+
+    with contextlib.ExitStack() as stacks:
+        old = None
+        if baseline is not None:
+            (logs / "baseline").mkdir(exist_ok=True)
+            env = {"PYTHONPATH": str(baseline.resolve())}
+            old = stacks.enter_context(Stack(stack_settings, logs / "baseline", env=env))
+        stack = stacks.enter_context(Stack(stack_settings, logs))
         direct = Direct(settings, alias)
         try:
-            direct.run([d["text"] for d in warm_docs])  # warm-up on other documents, both sides
-            stack.run_job(warm, len(warm_docs), model=alias)
+            direct.run([d["text"] for d in warm_docs])  # warm-up on other documents, every side
+            for side in (old, stack):
+                if side is not None:
+                    side.run_job(warm, len(warm_docs), model=alias)
             for _ in range(repeats):
                 direct_runs.append(direct.run(texts))
-                cpu = cpu_seconds()
-                run = stack.run_job(path, len(docs), model=alias)
-                run.update(cpu_split(cpu))
-                run.pop("job")
-                pipeline_runs.append(run)
-                print(
-                    f"  {mode}: (a) {direct_runs[-1]['docs_per_s']:.1f} docs/s, "
-                    f"(b) {run['docs_per_s']:.1f} docs/s",
-                    flush=True,
-                )
+                if old is not None:
+                    baseline_runs.append(timed(old))
+                pipeline_runs.append(timed(stack))
+                line = f"  {mode}: (a) {direct_runs[-1]['docs_per_s']:.1f} docs/s, "
+                if old is not None:
+                    line += f"(b0) {baseline_runs[-1]['docs_per_s']:.1f} docs/s, "
+                print(line + f"(b) {pipeline_runs[-1]['docs_per_s']:.1f} docs/s", flush=True)
         finally:
             direct.close()
     direct_rate = statistics.median(r["docs_per_s"] for r in direct_runs)
     pipeline_rate = statistics.median(r["docs_per_s"] for r in pipeline_runs)
     tokens = direct_runs[0]["prompt_tokens"]
+    extra: dict[str, Any] = {}
+    if baseline_runs:
+        baseline_rate = statistics.median(r["docs_per_s"] for r in baseline_runs)
+        extra = {
+            "baseline": str(baseline),
+            "baseline_docs_per_s": round(baseline_rate, 1),
+            "baseline_ratio": round(baseline_rate / direct_rate, 3),
+            "baseline_pair_ratios": [
+                round(b["docs_per_s"] / a["docs_per_s"], 3)
+                for a, b in zip(direct_runs, baseline_runs, strict=True)
+            ],
+        }
     return {
+        **extra,
         "mode": mode,
         "model": alias,
         "docs": len(docs),
@@ -199,7 +233,7 @@ def measure(mode: str, docs_count: int, repeats: int, logs: Path) -> dict[str, A
             }
             for side, runs in (("direct", direct_runs), ("pipeline", pipeline_runs))
         },
-        "runs": {"direct": direct_runs, "pipeline": pipeline_runs},
+        "runs": {"direct": direct_runs, "pipeline": pipeline_runs, "baseline": baseline_runs},
     }
 
 
@@ -208,11 +242,14 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=None, help="default: 6,000 / 2,000")
     parser.add_argument("--modes", default="generative,embedding")
     parser.add_argument("--repeats", type=int, default=3, help="(a, b) pairs per mode")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="also time the pipeline of this checkout"
+    )
     args = parse_bench_args(parser, "pipeline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logs = scratch_dir("bench")
     rows = [
-        measure(mode, args.docs or DEFAULT_DOCS[mode], args.repeats, logs)
+        measure(mode, args.docs or DEFAULT_DOCS[mode], args.repeats, logs, args.baseline)
         for mode in args.modes.split(",")
     ]
     print_table(
@@ -225,6 +262,14 @@ def main() -> None:
             for r in rows
         ),
     )
+    for r in rows:
+        if "baseline_ratio" in r:
+            pairs = " ".join(f"{x:.2f}" for x in r["baseline_pair_ratios"])
+            print(
+                f"{r['mode']:<11} baseline {r['baseline']}: (b0) "
+                f"{r['baseline_docs_per_s']:,.1f} docs/s, "
+                f"(b0)/(a) {r['baseline_ratio']:.3f}  {pairs}"
+            )
     print_table(
         "CPU seconds per pass (median): vLLM engine processes / everything else",
         (cpu_row(r) for r in rows),

@@ -53,7 +53,9 @@ class Stack:
         *,
         workers: list[list[str]] | None = None,
         beat: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = env or {}
         self.moto, endpoint = start_moto()
         name = f"postroom_bench_{secrets.token_hex(3)}"
         self.settings = settings.model_copy(
@@ -74,7 +76,7 @@ class Stack:
     def __enter__(self) -> Stack:
         migrate(self.settings.database_url)
         Storage(self.settings).ensure_bucket()
-        self.env = settings_env(self.settings)
+        self.env = {**settings_env(self.settings), **self.extra_env}
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
         self.api = spawn(

@@ -51,6 +51,10 @@ class Label(BaseModel):
 
     name: str
     description: str | None = None
+    # A tuple keeps a label hashable (the OpenAI batch path keys tasks by their labels).
+    examples: tuple[str, ...] | None = Field(
+        default=None, description="a few short texts that belong to this label (few-shot)"
+    )
 
 
 class JobSpec(BaseModel):
@@ -64,6 +68,9 @@ class JobSpec(BaseModel):
     model: str
     revision: str
     decoding: Decoding = "score"
+    # Embedding mode: how a label without a description is phrased ({name}); None (jobs stored
+    # before templates existed) embeds the bare name.
+    label_template: str | None = None
 
 
 class Document(BaseModel):

@@ -6,8 +6,8 @@ serves the instructions and labels of every document of a job from cache.
 
 from __future__ import annotations
 
+import json
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,6 +77,14 @@ def instructions_text(
         lines.append(f"{head}: {label.description}" if label.description else head)
     answer_hint = "the letter or number of the label" if markers else "the label"
     text = f"{instructions.strip()}\n\nLabels:\n" + "\n".join(lines)
+    examples = [
+        f"Text: {json.dumps(example, ensure_ascii=False)}\nLabel: "
+        + (markers[index] if markers else label.name)
+        for index, label in enumerate(labels)
+        for example in label.examples or ()
+    ]
+    if examples:
+        text += "\n\nExamples:\n" + "\n\n".join(examples)
     return text + f"\n\nAnswer with {answer_hint} only."
 
 
@@ -192,42 +200,10 @@ def parse_choice(
     )
 
 
-def label_texts(labels: Sequence[Label]) -> list[str]:
-    """What embedding mode embeds for each label: its description, else its name."""
-    return [label.description or label.name for label in labels]
-
-
-def nearest_label(
-    labels: Sequence[str],
-    label_vectors: Sequence[Sequence[float]],
-    doc_vector: Sequence[float],
-    *,
-    temperature: float,
-    doc_id: str,
-    tokens_in: int,
-    truncated: bool,
-) -> DocResult:
-    """Label by highest cosine; confidence is a softmax over the similarities at `temperature`."""
-    sims = [_cosine(doc_vector, v) for v in label_vectors]
-    top = max(sims)
-    weights = [math.exp((s - top) / temperature) for s in sims]
-    total = sum(weights)
-    probs = [w / total for w in weights]
-    best = max(range(len(probs)), key=probs.__getitem__)
-    return DocResult(
-        id=doc_id,
-        label=labels[best],
-        confidence=round(probs[best], 6),
-        distribution={name: round(p, 6) for name, p in zip(labels, probs, strict=True)},
-        tokens_in=tokens_in,
-        truncated=truncated,
-    )
-
-
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    """Cosine similarity (0 for a zero vector); C-level loops: it runs once per document and
-    label on the worker's event-loop thread."""
-    if len(a) != len(b):
-        raise ValueError(f"vectors of {len(a)} and {len(b)} dimensions")
-    norm = math.hypot(*a) * math.hypot(*b)
-    return sum(map(operator.mul, a, b)) / norm if norm else 0.0
+def label_texts(labels: Sequence[Label], template: str | None = None) -> list[str]:
+    """What embedding mode embeds for each label: its description, else its name phrased by
+    `template` (`{name}`; the bare name when None)."""
+    return [
+        label.description or (template.format(name=label.name) if template else label.name)
+        for label in labels
+    ]

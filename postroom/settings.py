@@ -6,7 +6,16 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ModelMode = Literal["generative", "embedding"]
@@ -91,6 +100,13 @@ class Settings(BaseSettings):
     min_labels: PositiveInt = 2
     max_label_length: PositiveInt = 200
     max_description_length: PositiveInt = 2000
+    # Few-shot: a label's `examples` (short texts), per label, per example, per job.
+    max_label_examples: PositiveInt = 20
+    max_example_length: PositiveInt = 1000
+    max_examples_total: PositiveInt = 200
+    # How embedding mode phrases a label that has no description (a job's `label_template`
+    # overrides it); must contain {name}. Measured in the README's "Real data" table.
+    embedding_label_template: str = "This is {name}."
     max_instructions_length: PositiveInt = 20_000
     max_inline_documents: PositiveInt = 10_000
     max_document_bytes: PositiveInt = 1_000_000
@@ -148,6 +164,12 @@ class Settings(BaseSettings):
     doc_max_tokens: PositiveInt = 512
     choice_max_tokens: PositiveInt = 16
     embedding_temperature: PositiveFloat = 0.05
+    # Embedding mode subtracts the mean of a shard's document vectors before the cosine when the
+    # shard has at least this many documents (0: never): it takes out what all the documents
+    # share, so the labels are told apart by what differs (README, "Real data").
+    embedding_center_min_docs: NonNegativeInt = 32
+    # A label's prototype: its examples' mean vector plus this weight times its text's vector.
+    embedding_label_weight: NonNegativeFloat = 2.0
 
     # -- worker
     worker_concurrency: PositiveInt = 8
@@ -311,6 +333,10 @@ class Settings(BaseSettings):
             )
         if self.min_labels < 2:
             raise ValueError("POSTROOM_MIN_LABELS must be at least 2")
+        if "{name}" not in self.embedding_label_template:
+            raise ValueError(
+                "POSTROOM_EMBEDDING_LABEL_TEMPLATE must contain {name}, e.g. 'This is {name}.'"
+            )
         return self
 
     def input_buckets(self) -> list[str]:

@@ -45,7 +45,7 @@ from postroom.errors import IdempotencyKeyReused, InvalidDocuments, InvalidInput
 from postroom.intake import Intake
 from postroom.jobs import NewJob, add_received_shards, create_job, seal_received_job
 from postroom.keys import rejected_lines_key
-from postroom.labels import label_collisions, validate_labels
+from postroom.labels import label_collisions, validate_label_template, validate_labels
 from postroom.lines import LineStream, StreamLimits
 from postroom.prompts import instructions_text
 from postroom.queue import Celery, gpu_queue, publish_job
@@ -65,7 +65,14 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: list[str | Label] = Field(description="label names, or {name, description} objects")
+    labels: list[str | Label] = Field(
+        description="label names, or {name, description?, examples?} objects"
+    )
+    label_template: str | None = Field(
+        default=None,
+        description="embedding mode: how a label without a description is phrased, with {name} "
+        "(default POSTROOM_EMBEDDING_LABEL_TEMPLATE)",
+    )
     instructions: str | None = None
     mode: Mode | None = None
     model: str | None = None
@@ -114,6 +121,7 @@ def prepare_spec(
 ) -> tuple[JobSpec, list[str]]:
     """Validate labels and model; return the worker's spec and warnings to store with the job."""
     labels = validate_labels(options.labels, settings=settings)
+    template = validate_label_template(options.label_template, settings=settings)
     if (
         options.instructions is not None
         and len(options.instructions) > settings.max_instructions_length
@@ -144,6 +152,7 @@ def prepare_spec(
         model=alias,
         revision=model.revision,
         decoding=options.decoding,
+        label_template=template if model.mode == "embedding" else None,
     )
     return spec, warnings
 

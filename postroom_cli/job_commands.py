@@ -36,11 +36,17 @@ def _client(api_url: str | None, key: str | None) -> Client:
 
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL documents")],
-    labels: Annotated[str, typer.Option(help="a,b,c or a JSON list of {name, description}")],
+    labels: Annotated[
+        str,
+        typer.Option(help="a,b,c, a JSON list of {name, description?, examples?}, or @labels.json"),
+    ],
     mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
     model: Annotated[str | None, typer.Option(help="model alias")] = None,
     decoding: Annotated[str, typer.Option(help="score | choice")] = "score",
     instructions: str | None = None,
+    label_template: Annotated[
+        str | None, typer.Option(help="embedding mode: a bare label's phrasing, with {name}")
+    ] = None,
     on_invalid: Annotated[str, typer.Option(help="reject | skip")] = "reject",
     spill: str = "auto",
     deadline: Annotated[str | None, typer.Option(help="ISO 8601 or seconds")] = None,
@@ -52,7 +58,8 @@ def submit(
     """Upload a JSONL file as a job. The job id is the last line of output."""
     client = _client(api_url, key)
     params = {
-        "labels": labels,
+        "labels": Path(labels[1:]).read_text() if labels.startswith("@") else labels,
+        "label_template": label_template,
         "mode": mode,
         "model": model,
         "decoding": decoding,

@@ -15,7 +15,9 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
 
 from postroom.domain import DocResult, JobSpec
 from postroom.errors import EngineDeadError
@@ -24,12 +26,14 @@ from postroom.prompts import (
     LayoutError,
     build_layout,
     label_texts,
-    nearest_label,
     parse_choice,
     parse_scores,
 )
+from worker.embedding import Matrix, nearest_labels, prototypes
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
+
+_T = TypeVar("_T")
 
 
 class Classifier(Protocol):
@@ -69,7 +73,17 @@ class ModelNotHosted(Exception):
 class _Prepared:
     layout: Layout | None = None
     layout_error: str | None = None
-    label_vectors: tuple[tuple[float, ...], ...] = ()
+    label_matrix: Matrix | None = None  # embedding mode: one unit prototype per label
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """A document's vector, waiting for its shard to be scored together."""
+
+    doc_id: str
+    vector: Matrix
+    tokens_in: int
+    truncated: bool
 
 
 class EngineClassifier:
@@ -88,12 +102,16 @@ class EngineClassifier:
         timeout: float,
         submit_chunk: int = 64,
         cache_size: int = 256,
+        embedding_center_min_docs: int = 32,
+        embedding_label_weight: float = 2.0,
     ) -> None:
         self.loop = loop
         self.engines = engines
         self.doc_max_tokens = doc_max_tokens
         self.choice_max_tokens = choice_max_tokens
         self.embedding_temperature = embedding_temperature
+        self.center_min_docs = embedding_center_min_docs
+        self.embedding_label_weight = embedding_label_weight
         self.timeout = timeout
         self.submit_chunk = max(1, submit_chunk)
         self._cache: OrderedDict[uuid.UUID, _Prepared] = OrderedDict()
@@ -110,10 +128,23 @@ class EngineClassifier:
         if spec.mode != "embedding" and prepared.layout is None:
             reason = f"prompt_layout: {prepared.layout_error}"
             return [DocResult(id=str(doc["id"]), error=reason) for doc in docs]
+        outcomes = self._run_chunks(engine, prepared, spec, shard, docs)
+        if spec.mode != "embedding":
+            return [o for o in outcomes if isinstance(o, DocResult)]
+        return self._label_embedded(prepared, spec, outcomes)
+
+    def _run_chunks(
+        self,
+        engine: EngineAdapter,
+        prepared: _Prepared,
+        spec: JobSpec,
+        shard: str,
+        docs: Sequence[dict[str, Any]],
+    ) -> list[DocResult | _Embedded]:
         # Tokenise a chunk, hand it to the engine, tokenise the next: the engine works on the
         # shard's first documents while this thread tokenises the rest (off the event loop).
         deadline = time.monotonic() + self.timeout
-        futures: list[concurrent.futures.Future[list[DocResult]]] = []
+        futures: list[concurrent.futures.Future[Sequence[DocResult | _Embedded]]] = []
         try:
             for start in range(0, len(docs), self.submit_chunk):
                 if any(f.done() and not f.cancelled() and f.exception() for f in futures):
@@ -124,13 +155,37 @@ class EngineClassifier:
                 futures.append(
                     self.loop.submit(self._chunk(engine, prepared, spec, shard, ids, tokens))
                 )
-            results: list[DocResult] = []
+            results: list[DocResult | _Embedded] = []
             for future in futures:
                 results.extend(future.result(timeout=max(0.0, deadline - time.monotonic())))
             return results
         finally:
             for future in futures:
                 future.cancel()  # a no-op once done; stops the rest after a failure or timeout
+
+    def _label_embedded(
+        self, prepared: _Prepared, spec: JobSpec, outcomes: list[DocResult | _Embedded]
+    ) -> list[DocResult]:
+        """Score the shard's vectors together (numpy, on this Celery thread, off the loop);
+        documents whose request failed keep their error result, in input order."""
+        positions = [i for i, o in enumerate(outcomes) if isinstance(o, _Embedded)]
+        embedded = [o for o in outcomes if isinstance(o, _Embedded)]
+        assert prepared.label_matrix is not None
+        results = [o if isinstance(o, DocResult) else DocResult(id=o.doc_id) for o in outcomes]
+        if embedded:
+            labelled = nearest_labels(
+                [label.name for label in spec.labels],
+                prepared.label_matrix,
+                np.stack([e.vector for e in embedded]),
+                ids=[e.doc_id for e in embedded],
+                tokens_in=[e.tokens_in for e in embedded],
+                truncated=[e.truncated for e in embedded],
+                temperature=self.embedding_temperature,
+                center_min_docs=self.center_min_docs,
+            )
+            for position, result in zip(positions, labelled, strict=True):
+                results[position] = result
+        return results
 
     def _chunk(
         self,
@@ -140,9 +195,9 @@ class EngineClassifier:
         shard: str,
         ids: list[str],
         tokens: list[list[int]],
-    ) -> Coroutine[Any, Any, list[DocResult]]:
+    ) -> Coroutine[Any, Any, Sequence[DocResult | _Embedded]]:
         if spec.mode == "embedding":
-            return self._embed_all(engine, prepared, spec, shard, ids, tokens)
+            return self._embed_all(engine, shard, ids, tokens)
         assert prepared.layout is not None
         if spec.decoding == "choice":
             return self._choose_all(engine, prepared.layout, shard, ids, tokens)
@@ -163,15 +218,24 @@ class EngineClassifier:
 
     def _build(self, spec: JobSpec, engine: EngineAdapter, job_id: uuid.UUID) -> _Prepared:
         if spec.mode == "embedding":
-            texts = label_texts(spec.labels)
-            tokens = [self._embedding_input(engine, t)[0] for t in engine.encode_batch(texts)]
+            texts = label_texts(spec.labels, spec.label_template)
+            groups = [list(label.examples or ()) for label in spec.labels]
+            flat = texts + [example for group in groups for example in group]
+            tokens = [self._embedding_input(engine, t)[0] for t in engine.encode_batch(flat)]
             shard = f"{job_id}/labels"
 
-            async def embed_labels() -> list[list[float]]:
+            async def embed_labels() -> list[Matrix]:
                 return list(await asyncio.gather(*(engine.embed(t, shard=shard) for t in tokens)))
 
-            vectors = self.loop.run(embed_labels(), timeout=self.timeout)
-            return _Prepared(label_vectors=tuple(tuple(v) for v in vectors))
+            vectors = np.stack(self.loop.run(embed_labels(), timeout=self.timeout))
+            examples, at = [], len(texts)
+            for group in groups:
+                examples.append(vectors[at : at + len(group)])
+                at += len(group)
+            matrix = prototypes(
+                vectors[: len(texts)], examples, label_weight=self.embedding_label_weight
+            )
+            return _Prepared(label_matrix=matrix)
         try:
             layout = build_layout(
                 engine.tokenizer(),
@@ -229,28 +293,12 @@ class EngineClassifier:
         return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
 
     async def _embed_all(
-        self,
-        engine: EngineAdapter,
-        prepared: _Prepared,
-        spec: JobSpec,
-        shard: str,
-        ids: list[str],
-        tokens: list[list[int]],
-    ) -> list[DocResult]:
-        names = [label.name for label in spec.labels]
-
-        async def one(doc_id: str, doc_ids: list[int]) -> DocResult:
+        self, engine: EngineAdapter, shard: str, ids: list[str], tokens: list[list[int]]
+    ) -> list[DocResult | _Embedded]:
+        async def one(doc_id: str, doc_ids: list[int]) -> _Embedded:
             prompt, truncated = self._embedding_input(engine, doc_ids)
             vector = await engine.embed(prompt, shard=shard)
-            return nearest_label(
-                names,
-                prepared.label_vectors,
-                vector,
-                temperature=self.embedding_temperature,
-                doc_id=doc_id,
-                tokens_in=len(prompt),
-                truncated=truncated,
-            )
+            return _Embedded(doc_id, vector, len(prompt), truncated)
 
         return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
 
@@ -261,10 +309,12 @@ class EngineClassifier:
         return [*before, *doc_ids[:budget], *after], truncated
 
 
-async def _gather_per_doc(ids: list[str], coros: list[Any]) -> list[DocResult]:
+async def _gather_per_doc(
+    ids: list[str], coros: list[Coroutine[Any, Any, _T]]
+) -> list[_T | DocResult]:
     """Await every document; an error of one request fails that document only, unless fatal."""
     outcomes = await asyncio.gather(*coros, return_exceptions=True)
-    results: list[DocResult] = []
+    results: list[_T | DocResult] = []
     for doc_id, outcome in zip(ids, outcomes, strict=True):
         if isinstance(outcome, EngineDeadError):
             raise outcome

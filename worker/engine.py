@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from postroom import tokens
 from postroom.errors import EngineDeadError
 from postroom.settings import ModelSpec, Settings
@@ -109,6 +112,8 @@ class EngineAdapter:
         self._lock = threading.Lock()
         self._seq = 0
         self._score_params_cache: dict[tuple[int, ...], Any] = {}
+        self._special: tuple[list[int], list[int]] | None = None
+        self._pooling_params: Any = None
         # What the engine holds right now, by shard: the evidence that shards share batches.
         self._inflight_by_shard: collections.Counter[str] = collections.Counter()
         self.inflight = 0
@@ -197,7 +202,13 @@ class EngineAdapter:
         return tok
 
     def special_tokens(self) -> tuple[list[int], list[int]]:
-        """The tokens the tokenizer puts before and after a text ([CLS] … [SEP] for BERT)."""
+        """The tokens the tokenizer puts before and after a text ([CLS] … [SEP] for BERT);
+        worked out once (embedding mode asks for every document)."""
+        if self._special is None:
+            self._special = self._find_special_tokens()
+        return self._special
+
+    def _find_special_tokens(self) -> tuple[list[int], list[int]]:
         tok = self.tokenizer()
         bare = tok.encode("a", add_special_tokens=False)
         full = tok.encode("a", add_special_tokens=True)
@@ -281,24 +292,27 @@ class EngineAdapter:
             cached_tokens=int(out.num_cached_tokens or 0),
         )
 
-    async def embed(self, prompt_ids: list[int], *, shard: str) -> list[float]:
+    async def embed(self, prompt_ids: list[int], *, shard: str) -> npt.NDArray[np.float32]:
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
+        if self._pooling_params is None:
+            self._pooling_params = PoolingParams(task="embed")  # vLLM clones what it changes
         request_id = self._request_id(shard)
         out: Any = None
         async with self._tracked(shard, len(prompt_ids)):
             try:
                 async for item in self._llm.encode(
                     TokensPrompt(prompt_token_ids=prompt_ids),
-                    PoolingParams(task="embed"),
+                    self._pooling_params,
                     request_id,
                 ):
                     out = item
             except Exception as e:
                 self._raise_if_dead(e)
                 raise
-        vector: list[float] = out.outputs.data.tolist()  # a float tensor: Python floats
+        # A float tensor on the CPU: its numpy view, no copy into Python floats.
+        vector: npt.NDArray[np.float32] = out.outputs.data.numpy()
         return vector
 
     async def _generate(self, prompt_ids: list[int], params: Any, *, shard: str) -> Any:

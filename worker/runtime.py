@@ -111,6 +111,8 @@ class Runtime:
                 embedding_temperature=self.settings.embedding_temperature,
                 timeout=self.settings.engine_request_timeout_seconds,
                 submit_chunk=self.settings.engine_submit_chunk,
+                embedding_center_min_docs=self.settings.embedding_center_min_docs,
+                embedding_label_weight=self.settings.embedding_label_weight,
             )
         self._heartbeat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
         self._heartbeat.start()

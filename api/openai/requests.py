@@ -212,7 +212,8 @@ def _extension_labels(extension: Any, line: int) -> tuple[Label, ...] | None:
     if not isinstance(extension, dict) or set(extension) != {"labels"}:
         raise LineError(
             "invalid_request",
-            f'line {line}: postroom must be {{"labels": [names or {{"name", "description"}}]}}',
+            f'line {line}: postroom must be {{"labels": [names or {{"name", "description", '
+            f'"examples"}}]}}',
         )
     raw = extension["labels"]
     if not isinstance(raw, list):
@@ -225,7 +226,8 @@ def _extension_labels(extension: Any, line: int) -> tuple[Label, ...] | None:
     except ValidationError as e:
         raise LineError(
             "invalid_request",
-            f"line {line}: postroom.labels items are names or {{name, description}} objects ({e})",
+            f"line {line}: postroom.labels items are names or {{name, description, examples}} "
+            f"objects ({e})",
         ) from e
 
 

@@ -139,7 +139,9 @@ async def upload_job(
     storage: StorageDep,
     celery: CeleryDep,
     response: Response,
-    labels: Annotated[str, Query(description="a,b,c or a JSON list of names/{name,description}")],
+    labels: Annotated[
+        str, Query(description="a,b,c or a JSON list of names/{name,description?,examples?}")
+    ],
     instructions: str | None = None,
     mode: Literal["generative", "embedding"] | None = None,
     model: str | None = None,
@@ -152,6 +154,9 @@ async def upload_job(
     webhook_url: Annotated[str | None, Query(description="target of the job's events")] = None,
     expires_after: Annotated[int | None, Query(gt=0, description="purge N s after end")] = None,
     priority: Literal["high", "normal", "low"] = "normal",
+    label_template: Annotated[
+        str | None, Query(description="embedding mode: how a bare label is phrased, with {name}")
+    ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -176,6 +181,7 @@ async def upload_job(
         webhook_url,
         expires_after,
         priority,
+        label_template,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions

@@ -12,7 +12,6 @@ from postroom.domain import Label
 from postroom.prompts import (
     build_layout,
     first_token_collisions,
-    nearest_label,
     parse_choice,
     parse_scores,
 )
@@ -100,18 +99,3 @@ def test_choice_cut_off_or_outside_the_set_is_an_error_not_a_label() -> None:
     assert odd.label is None
     assert odd.error is not None
     assert "answer_not_a_label" in odd.error
-
-
-def test_nearest_label_softmax() -> None:
-    result = nearest_label(
-        ["x", "y"],
-        [[1.0, 0.0], [0.0, 1.0]],
-        [0.9, 0.1],
-        temperature=0.05,
-        doc_id="d",
-        tokens_in=2,
-        truncated=False,
-    )
-    assert result.label == "x"
-    assert result.confidence is not None
-    assert result.confidence > 0.99
