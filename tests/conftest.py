@@ -34,6 +34,7 @@ REDIS_START = (
     'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'
 )
 TEST_REDIS_DB = 15
+MINILM = Settings().models["minilm"]
 
 
 # Tests that start a vLLM engine (the `cpu` or `gpu` extra): marked `engine`, so CI's Python 3.12
@@ -136,7 +137,10 @@ def settings(
         # "scaled" gets its worker only once work waits (tests/e2e/test_scale_from_zero.py).
         aliases=["unserved", "scaled"],
         models={
-            "pinned": ModelSpec(path=str(pinned_model_dir), mode="generative", revision="copy")
+            "pinned": ModelSpec(path=str(pinned_model_dir), mode="generative", revision="copy"),
+            # MiniLM as is and cut to 12 tokens (tests/e2e/test_eval_compare.py).
+            "minilm-same": MINILM,
+            "minilm-short": MINILM.model_copy(update={"max_model_len": 12}),
         },
         broker_key_prefix=broker_key_prefix,
         shard_size=100,
