@@ -138,8 +138,7 @@ def settings(
         aliases=["unserved", "scaled"],
         models={
             "pinned": ModelSpec(path=str(pinned_model_dir), mode="generative", revision="copy"),
-            # MiniLM as is and cut to 12 tokens (tests/e2e/test_eval_compare.py).
-            "minilm-same": MINILM,
+            # MiniLM cut to 12 tokens (tests/e2e/test_eval_compare.py).
             "minilm-short": MINILM.model_copy(update={"max_model_len": 12}),
         },
         broker_key_prefix=broker_key_prefix,

@@ -1,5 +1,6 @@
 """`postroom eval --compare A,B --max-drop X` as a quality gate: it fails on a degraded alias
-(MiniLM cut to 12 tokens) and passes on an identical one, and reports what it measured."""
+(MiniLM cut to 12 tokens) and passes on an identical one (the same alias run twice), and reports
+what it measured."""
 
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ pytestmark = pytest.mark.usefixtures("worker")  # serves `minilm`
 def variants_worker(
     env: dict[str, str], logs_dir: Path, sessions: sessionmaker[Session]
 ) -> Iterator[None]:
-    """A worker serving `minilm-same` (MiniLM as is) and `minilm-short` (max_model_len 12)."""
-    proc = start_worker(
-        env, logs_dir / "worker-variants.log", sessions, "--models", "minilm-same,minilm-short"
-    )
+    """A worker serving `minilm-short` (MiniLM with max_model_len 12)."""
+    proc = start_worker(env, logs_dir / "worker-variants.log", sessions, "--models", "minilm-short")
     yield
     stop(proc)
 
@@ -57,6 +56,7 @@ def run_compare(
     )  # fmt: skip
 
 
+@pytest.mark.timeout(600)  # two engines start first on a small machine
 @pytest.mark.usefixtures("variants_worker")
 def test_the_gate_fails_on_a_degraded_alias(
     api_url: str, tenant_key: str, env: dict[str, str], labelled: Path, tmp_path: Path
@@ -78,11 +78,10 @@ def test_the_gate_fails_on_a_degraded_alias(
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.usefixtures("variants_worker")
 def test_the_gate_passes_on_an_identical_alias(
     api_url: str, tenant_key: str, env: dict[str, str], labelled: Path, tmp_path: Path
 ) -> None:
-    proc = run_compare(env, api_url, tenant_key, labelled, "minilm,minilm-same", tmp_path)
+    proc = run_compare(env, api_url, tenant_key, labelled, "minilm,minilm", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["passed"]
