@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,7 @@ def summarise(
         "accuracy": None
         if truth is None
         else round(sum(p == t for p, t in zip(labels, truth, strict=True)) / len(truth), 4),
+        "label_counts": dict(Counter(str(label) for label in labels).most_common()),
     }
     return row
 
