@@ -7,7 +7,7 @@
 #     gguf==0.19.0 accelerate==1.16.0
 #   G=$(.venv/bin/python -c 'from worker.gguf_model import smollm2_gguf; print(smollm2_gguf())')
 #   mkdir -p .gpu-smol-1 .gpu-smol-2 && split -b 47M "$G" /tmp/smollm2.part-
-#   mv /tmp/smollm2.part-aa .gpu-smol-1/ && mv /tmp/smollm2.part-ab /tmp/smollm2.part-ac .gpu-smol-2/
+#   mv /tmp/smollm2.part-aa .gpu-smol-1/ && mv /tmp/smollm2.part-a[b-z] .gpu-smol-2/
 #   (add /.gpu-smol-*/ to .git/info/exclude)
 # Then through the device tool, calls back to back (each within 30 s of the last; /tmp survives):
 #   run(command="bash bench/gpu/quant_on_device.sh --stage-only", carry=[".gpu"])
