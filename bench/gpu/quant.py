@@ -9,7 +9,8 @@ accuracy when the documents carry a true `label`.
 
 Models: `smollm2=PATH` is the real SmolLM2-135M-Instruct, PATH a converted checkpoint directory or
 the `.gguf` file (converted once into --work-dir; needs the `gguf` and `accelerate` wheels);
-`tiny`, `0.5b`, `1.5b` are the random-weight shapes of bench/gpu (generated documents). A real model
+`tiny`, `0.5b`, `1.5b` are the random-weight shapes of bench/gpu (generated documents; `tiny=DIR`
+uses a model built before). A real model
 classifies `--labelled FILE.jsonl` (its `<name>.labels.json` sidecar gives the labels).
 
     python bench/gpu/quant.py --models smollm2=/tmp/smollm2.gguf,1.5b --quant none,fp8 \\
@@ -50,8 +51,12 @@ def prepare(name: str, source: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench.gpu.config import shape_of
         from worker.tiny_model import build_model
 
-        model_dir = work / f"model-{name}"
-        build_model(model_dir, shape=shape_of(name), architecture="qwen2", device=args.build_device)
+        # `tiny=DIR`: a model built before (the tests pass theirs), else one built here.
+        model_dir = Path(source) if source else work / f"model-{name}"
+        if not source:
+            build_model(
+                model_dir, shape=shape_of(name), architecture="qwen2", device=args.build_device
+            )
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -13,19 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(280)
-def test_quant_bench_runs_on_cpu_and_same_settings_agree(tmp_path: Path) -> None:
+@pytest.mark.timeout(600)  # two engine starts, one after the other
+def test_quant_bench_runs_on_cpu_and_same_settings_agree(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     pytest.importorskip("vllm")
     out = tmp_path / "quant.json"
     proc = subprocess.run(
         [
-            sys.executable, str(ROOT / "bench" / "gpu" / "quant.py"), "--models", "tiny",
+            sys.executable, str(ROOT / "bench" / "gpu" / "quant.py"),
+            "--models", f"tiny={tiny_model_dir}",
             "--quant", "none,none", "--device", "cpu", "--docs", "16", "--repeats", "1",
             "--work-dir", str(tmp_path / "work"), "--out", str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=270,
+        timeout=580,
         check=False,
     )  # fmt: skip
     log = tmp_path / "work" / "quant.log"
