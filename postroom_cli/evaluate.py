@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,35 @@ def label_names(param: str) -> list[str]:
     return [part.strip() for part in text.split(",")]
 
 
-def run_eval(
+@dataclass
+class EvalRun:
+    """One job over a labelled file: the truth, what came back, and how long it took."""
+
+    labels: list[str]
+    truth: dict[str, str]
+    predicted: dict[str, tuple[str | None, float | None]]  # id -> (label, confidence)
+    job: dict[str, Any]
+    seconds: float
+
+    def report(self) -> Report:
+        pairs = [(t, self.predicted.get(i, (None, None))[0]) for i, t in self.truth.items()]
+        return score(self.labels, pairs)
+
+    @property
+    def docs_per_second(self) -> float:
+        return len(self.truth) / self.seconds if self.seconds else 0.0
+
+
+def run_job(
     client: Client,
     path: Path,
     *,
     labels: str | None,
-    model: str | None,
-    mode: str | None,
-    console: Console,
+    params: dict[str, Any],
     timeout: float = 3600.0,
-    spill: str | None = None,
-) -> tuple[Report, dict[str, Any], float]:
-    """Upload the documents without their `label` field, wait, and score the results."""
+) -> EvalRun:
+    """Upload the documents without their `label` field with the job parameters `params` (model,
+    mode, decoding, …), wait for the job, and collect its labels and confidences."""
     param = labels_param(path, labels)
     truth: dict[str, str] = {}
     with (
@@ -63,12 +81,28 @@ def run_eval(
             truth[doc_id] = row.pop("label")
             tmp.write(json.dumps(row, ensure_ascii=False) + "\n")
     started = time.monotonic()
-    params = {"labels": param, "model": model, "mode": mode, "spill": spill}
-    job = client.upload(Path(tmp.name), params)
+    job = client.upload(Path(tmp.name), {**params, "labels": param})
     Path(tmp.name).unlink()
     job = wait_for_job(client, job["id"], timeout=timeout)
     elapsed = time.monotonic() - started
-    predicted = {r["id"]: r["label"] for r in client.results(job["id"])}
-    report = score(label_names(param), [(t, predicted.get(i)) for i, t in truth.items()])
+    predicted = {r["id"]: (r["label"], r.get("confidence")) for r in client.results(job["id"])}
+    return EvalRun(label_names(param), truth, predicted, job, elapsed)
+
+
+def run_eval(
+    client: Client,
+    path: Path,
+    *,
+    labels: str | None,
+    model: str | None,
+    mode: str | None,
+    console: Console,
+    timeout: float = 3600.0,
+    spill: str | None = None,
+) -> tuple[Report, dict[str, Any], float]:
+    """Upload the documents without their `label` field, wait, and score the results."""
+    params = {"model": model, "mode": mode, "spill": spill}
+    run = run_job(client, path, labels=labels, params=params, timeout=timeout)
+    report = run.report()
     print_report(report, console)
-    return report, job, elapsed
+    return report, run.job, run.seconds

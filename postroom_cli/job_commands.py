@@ -188,14 +188,40 @@ def eval_(
     ] = None,
     model: Annotated[str | None, typer.Option(help="model alias")] = None,
     mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="A,B: two aliases, or one with job parameters (`tiny,tiny?decoding=choice`), "
+            "run one after the other over FILE and compared"
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="with --compare: exit 1 when B's accuracy or macro-F1 is below A's by "
+            "more than this many points"
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="with --compare: a reliability diagram (PNG) here")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     api_url: ApiUrl = None,
     key: ApiKey = None,
 ) -> None:
-    """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion."""
+    """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion. With
+    --compare A,B: both sides' accuracy, macro-F1, per-label F1, calibration (ECE) and docs/s,
+    and how often they agree; --max-drop makes it a quality gate."""
     from postroom_cli.evaluate import run_eval
 
+    if compare is None and (max_drop is not None or plot is not None):
+        raise typer.BadParameter("--max-drop and --plot go with --compare A,B")
+    if compare is not None and (model or mode):
+        raise typer.BadParameter("with --compare, name the models in it: --compare A,B")
     client = _client(api_url, key)
+    if compare is not None:
+        _eval_compare(client, file, labels, compare, max_drop, plot, json_out)
+        return
     try:
         report, job, elapsed = run_eval(
             client, file, labels=labels, model=model, mode=mode, console=console
@@ -213,6 +239,41 @@ def eval_(
     if json_out:
         json_out.write_text(json.dumps(data, indent=2))
         console.print(f"report written to {json_out}")
+
+
+def _eval_compare(
+    client: Client,
+    file: Path,
+    labels: str | None,
+    compare: str,
+    max_drop: float | None,
+    plot: Path | None,
+    json_out: Path | None,
+) -> None:
+    from postroom_cli.compare import compare as compare_runs
+    from postroom_cli.compare import parse_compare, plot_reliability, print_comparison
+    from postroom_cli.evaluate import run_job
+
+    try:
+        sides = parse_compare(compare)
+        runs = []
+        for side in sides:  # one after the other, so each side's docs/s is its own
+            console.print(f"running {side.name} …")
+            runs.append(run_job(client, file, labels=labels, params=side.job_params()))
+        data = compare_runs(sides, (runs[0], runs[1]), max_drop=max_drop)
+        data["file"] = str(file)
+        print_comparison(data, console)
+        if plot:
+            plot_reliability(data, plot)
+            console.print(f"reliability diagram written to {plot}")
+    except (ApiError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    if json_out:
+        json_out.write_text(json.dumps(data, indent=2))
+        console.print(f"report written to {json_out}")
+    if not data["passed"]:
+        raise typer.Exit(1)
 
 
 def demo(

@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from postroom.settings import DEFAULT_TINY_MODEL_DIR, Settings, get_settings
-from postroom_cli.terminal import console
+from postroom_cli.terminal import console, err
 
-model_app = typer.Typer(help="Models that need no download.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Models that need no download, and pinned weights.", no_args_is_help=True
+)
 
 
 def migrate() -> None:
@@ -59,6 +61,7 @@ def worker(
     """Run a worker: `gpu` hosts one long-lived vLLM engine per served model with many shards in
     flight; `spill` classifies through the managed OpenAI-compatible API (POSTROOM_SPILL_*)."""
     from postroom.gpus import GpuConfigError
+    from postroom.pins import PinMismatch
     from worker.main import run_worker
 
     if route not in ("gpu", "spill"):
@@ -91,6 +94,9 @@ def worker(
         )
     except GpuConfigError as e:
         raise typer.BadParameter(str(e), param_hint="--models") from e
+    except PinMismatch as e:
+        err.print(f"[red]refusing to start:[/] {e}")
+        raise typer.Exit(3) from e
 
 
 def _supervise(settings: Settings, gpus: str, served: list[str], worker_args: list[str]) -> None:
@@ -154,6 +160,51 @@ def model_tiny(
 
     build_model(directory, seed=seed)
     console.print(f"tiny model written to {directory}")
+
+
+@model_app.command("convert")
+def model_convert(
+    source: Annotated[Path, typer.Argument(help="a GGUF file", exists=True, dir_okay=False)],
+    directory: Annotated[Path, typer.Argument(help="where the checkpoint goes")],
+) -> None:
+    """Unpack a GGUF file into a safetensors checkpoint (bf16) plus its tokenizer, which vLLM
+    loads; register DIR in POSTROOM_MODELS with the revision printed."""
+    from worker.gguf_model import ConversionError, convert_gguf
+
+    try:
+        made = convert_gguf(source, directory)
+    except ConversionError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    console.print(f"checkpoint written to {directory}")
+    print(f"revision: {made['source']}@sha256:{made['sha256']}")
+
+
+@model_app.command("pin")
+def model_pin(alias: Annotated[str, typer.Argument(help="a registry alias")]) -> None:
+    """Record the content digest of ALIAS's files (weights, config, tokenizer) as its revision:
+    jobs and results carry it, and a worker whose files no longer match refuses to start."""
+    from postroom.db.session import make_engine, make_sessionmaker
+    from postroom.model_files import content_digest
+    from postroom.pins import pin_model
+    from worker.runtime import prepare_models
+
+    settings = get_settings()
+    if alias not in settings.models:
+        raise typer.BadParameter(f"unknown model alias {alias!r}; known: {sorted(settings.models)}")
+    prepare_models(settings, [alias])
+    path = settings.model_path(alias)
+    try:
+        digest = content_digest(Path(path))
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="ALIAS") from e
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            pin_model(session=session, alias=alias, digest=digest, path=path)
+    finally:
+        engine.dispose()
+    console.print(f"{alias} pinned to {digest} ({path})")
 
 
 def up(

@@ -9,6 +9,7 @@ A service that is down fails the run with the command that starts it; nothing is
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.migrate import migrate
 from postroom.db.session import make_engine, make_sessionmaker
-from postroom.settings import Settings
+from postroom.settings import ModelSpec, Settings
 from postroom.storage import Storage
 from postroom_cli.client import Client
 from postroom_cli.local import free_port, reachable, settings_env, start_moto, stop
@@ -33,6 +34,7 @@ REDIS_START = (
     'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'
 )
 TEST_REDIS_DB = 15
+MINILM = Settings().models["minilm"]
 
 
 # Tests that start a vLLM engine (the `cpu` or `gpu` extra): marked `engine`, so CI's Python 3.12
@@ -63,6 +65,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     return build_model(ROOT / ".cache" / "models" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def pinned_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the tiny model, registered as `pinned`: tests/e2e/test_pins.py pins it
+    and then alters its weights."""
+    copy = tmp_path_factory.mktemp("pinned") / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +122,7 @@ def settings(
     broker_url: str,
     s3_endpoint: str,
     tiny_model_dir: Path,
+    pinned_model_dir: Path,
     standin: StandinServer,
     broker_key_prefix: str,
 ) -> Settings:
@@ -124,6 +136,11 @@ def settings(
         # "unserved" is in the registry but no worker hosts it: jobs for it are accepted and wait;
         # "scaled" gets its worker only once work waits (tests/e2e/test_scale_from_zero.py).
         aliases=["unserved", "scaled"],
+        models={
+            "pinned": ModelSpec(path=str(pinned_model_dir), mode="generative", revision="copy"),
+            # MiniLM cut to 12 tokens (tests/e2e/test_eval_compare.py).
+            "minilm-short": MINILM.model_copy(update={"max_model_len": 12}),
+        },
         broker_key_prefix=broker_key_prefix,
         shard_size=100,
         worker_models=["tiny", "minilm"],

@@ -33,13 +33,15 @@ def stack_settings(
     tiny_model_dir: Path,
     standin_url: str,
     aliases: Iterable[str] = (),
+    models: dict[str, ModelSpec] | None = None,
     **overrides: Any,
 ) -> Settings:
     """Settings for a stack on loopback.
 
     The registry gains the tiny model as `tiny` (the default model) and under each of `aliases`;
-    spill goes to the stand-in at `standin_url`. Heartbeats and router ticks come every second so
-    tests see state change quickly. `overrides` are the suite's own values.
+    spill goes to the stand-in at `standin_url`; `models` adds registry entries of the suite's own.
+    Heartbeats and router ticks come every second so tests see state change quickly. `overrides`
+    are the suite's own values.
     """
     tiny = ModelSpec(path=str(tiny_model_dir), mode="generative", revision="tiny-seed0")
     return Settings(
@@ -50,7 +52,7 @@ def stack_settings(
         s3_bucket=s3_bucket,
         s3_access_key_id="testing",
         s3_secret_access_key="testing",
-        models={**Settings().models, **dict.fromkeys(("tiny", *aliases), tiny)},
+        models={**Settings().models, **dict.fromkeys(("tiny", *aliases), tiny), **(models or {})},
         model="tiny",
         engine_max_num_seqs=32,
         worker_heartbeat_seconds=1.0,

@@ -6,13 +6,15 @@ import contextlib
 import logging
 from typing import Any
 
+from postroom.db.session import make_engine, make_sessionmaker
 from postroom.gpus import check_fits, visible_gpus
 from postroom.logs import configure_logging
 from postroom.metrics import WorkerCollector, serve_metrics
+from postroom.pins import check_pins
 from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, make_celery, signals
 from postroom.settings import Settings
 from worker.engine import detect_device
-from worker.runtime import Runtime, get_runtime, set_runtime
+from worker.runtime import Runtime, get_runtime, prepare_models, set_runtime
 from worker.tasks import register_tasks
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,16 @@ def build_app(settings: Settings) -> Celery:
     return app
 
 
+def verify_pins(settings: Settings, models: list[str]) -> dict[str, str]:
+    """The pinned aliases' digests, checked against the files here (raises PinMismatch)."""
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return check_pins(session=session, settings=settings, aliases=models)
+    finally:
+        engine.dispose()
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -68,6 +80,9 @@ def run_worker(
             visible=len(visible_gpus(settings.visible_gpus)),
             device=detect_device(settings.engine_device),
         )
+        # A pinned alias whose files changed is refused here too, naming both digests.
+        prepare_models(settings, models)
+        verify_pins(settings, models)
     # Celery sends worker_init (engine start, metrics server) before its setup_logging signal.
     configure_logging(loglevel)
     app = build_app(settings)

@@ -19,16 +19,33 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Worker
 from postroom.db.session import make_engine, make_sessionmaker
-from postroom.settings import DEFAULT_TINY_MODEL_DIR, Settings
+from postroom.settings import (
+    DEFAULT_SMOLLM2_MODEL_DIR,
+    DEFAULT_TINY_MODEL_DIR,
+    SMOLLM2_SHA256,
+    Settings,
+)
 from postroom.shards import extend_leases
 from postroom.storage import Storage
 from worker.classifier import Classifier, EngineClassifier, NullClassifier
 from worker.engine import EngineAdapter
+from worker.gguf_model import prepare_smollm2
 from worker.loop import LoopThread
 from worker.spill import SpillClassifier
 from worker.tiny_model import build_model
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_models(settings: Settings, aliases: list[str]) -> None:
+    """Make the aliases that need no download (`tiny`: generated; `smollm2`: converted from the
+    installed wheel) on first start; idempotent and quick once made."""
+    for alias in aliases:
+        path = settings.model_spec(alias).path
+        if path == DEFAULT_TINY_MODEL_DIR and not Path(path).exists():
+            build_model(Path(path))
+        elif path == DEFAULT_SMOLLM2_MODEL_DIR:
+            prepare_smollm2(Path(path), expected_sha256=SMOLLM2_SHA256)
 
 
 class Admission:
@@ -88,11 +105,9 @@ class Runtime:
     def start(self) -> None:
         hosted = self.route == "gpu" and not self.settings.worker_null_classifier
         self.beat()  # register first: the API accepts jobs for these aliases from now on
+        prepare_models(self.settings, self.models if hosted else [])
         for alias in self.models if hosted else []:
             spec = self.settings.model_spec(alias)
-            if spec.path == DEFAULT_TINY_MODEL_DIR and not Path(spec.path).exists():
-                # The default model is generated, not downloaded: build it on first start.
-                build_model(Path(spec.path))
             engine = EngineAdapter(
                 alias=alias, spec=spec, path=self.settings.model_path(alias), settings=self.settings
             )

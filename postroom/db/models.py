@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models: tenants, api_keys, jobs, shards, results, workers, webhook_deliveries."""
+"""SQLAlchemy 2 models: tenants, api_keys, jobs, shards, results, workers, webhook_deliveries,
+model_pins."""
 
 from __future__ import annotations
 
@@ -233,6 +234,18 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     docs_done: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ModelPin(Base):
+    """A registry alias pinned to the content digest of its files (`postroom model pin`): jobs
+    record the digest as their revision, and a worker whose files differ refuses to start."""
+
+    __tablename__ = "model_pins"
+
+    alias: Mapped[str] = mapped_column(String(200), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(80))
+    path: Mapped[str] = mapped_column(Text)
+    pinned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 
 class WebhookDelivery(Base):
