@@ -152,6 +152,9 @@ async def upload_job(
     webhook_url: Annotated[str | None, Query(description="target of the job's events")] = None,
     expires_after: Annotated[int | None, Query(gt=0, description="purge N s after end")] = None,
     priority: Literal["high", "normal", "low"] = "normal",
+    cascade: Annotated[
+        str | None, Query(description='a JSON object: {"below": 0.7, "model": "spill", …}')
+    ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -176,6 +179,7 @@ async def upload_job(
         webhook_url,
         expires_after,
         priority,
+        cascade,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions
