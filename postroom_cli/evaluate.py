@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,25 @@ def label_names(param: str) -> list[str]:
     return [part.strip() for part in text.split(",")]
 
 
+@contextlib.contextmanager
+def labelled_upload(path: Path, labels: str | None) -> Iterator[tuple[Path, str, dict[str, str]]]:
+    """The labelled file without its `label` fields (a temporary file, removed after), the
+    `labels` parameter, and the truth by document id."""
+    param = labels_param(path, labels)
+    truth: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        upload = Path(folder) / "documents.jsonl"
+        with upload.open("w", encoding="utf-8") as out, path.open(encoding="utf-8") as src:
+            for number, line in enumerate(src, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                doc_id = str(row.get("id", number))
+                truth[doc_id] = row.pop("label")
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        yield upload, param, truth
+
+
 def run_eval(
     client: Client,
     path: Path,
@@ -49,23 +70,10 @@ def run_eval(
     spill: str | None = None,
 ) -> tuple[Report, dict[str, Any], float]:
     """Upload the documents without their `label` field, wait, and score the results."""
-    param = labels_param(path, labels)
-    truth: dict[str, str] = {}
-    with (
-        tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as tmp,
-        path.open(encoding="utf-8") as src,
-    ):
-        for number, line in enumerate(src, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            doc_id = str(row.get("id", number))
-            truth[doc_id] = row.pop("label")
-            tmp.write(json.dumps(row, ensure_ascii=False) + "\n")
     started = time.monotonic()
-    params = {"labels": param, "model": model, "mode": mode, "spill": spill}
-    job = client.upload(Path(tmp.name), params)
-    Path(tmp.name).unlink()
+    with labelled_upload(path, labels) as (upload, param, truth):
+        params = {"labels": param, "model": model, "mode": mode, "spill": spill}
+        job = client.upload(upload, params)
     job = wait_for_job(client, job["id"], timeout=timeout)
     elapsed = time.monotonic() - started
     predicted = {r["id"]: r["label"] for r in client.results(job["id"])}

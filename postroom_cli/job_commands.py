@@ -182,13 +182,33 @@ def eval_(
     model: Annotated[str | None, typer.Option(help="model alias")] = None,
     mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    cascade: Annotated[
+        bool,
+        typer.Option(
+            "--cascade",
+            help="accuracy and cost as a cascade's threshold moves (a table and a PNG)",
+        ),
+    ] = False,
+    cascade_model: Annotated[
+        str, typer.Option(help="the cascade's frontier: 'spill' (the managed API) or an alias")
+    ] = "spill",
+    thresholds: Annotated[
+        str | None, typer.Option(help="thresholds to try, e.g. 0,0.5,0.9 (default 0 to 1)")
+    ] = None,
+    png: Annotated[Path, typer.Option(help="where --cascade draws its plot")] = Path("cascade.png"),
     api_url: ApiUrl = None,
     key: ApiKey = None,
 ) -> None:
-    """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion."""
+    """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion.
+
+    With --cascade: every document is answered by the model and by the frontier, and the table
+    and the PNG show accuracy and $ per 1,000 documents for each threshold."""
     from postroom_cli.evaluate import run_eval
 
     client = _client(api_url, key)
+    if cascade:
+        _eval_cascade(client, file, labels, model, mode, cascade_model, thresholds, png, json_out)
+        return
     try:
         report, job, elapsed = run_eval(
             client, file, labels=labels, model=model, mode=mode, console=console
@@ -205,6 +225,46 @@ def eval_(
     }
     if json_out:
         json_out.write_text(json.dumps(data, indent=2))
+        console.print(f"report written to {json_out}")
+
+
+def _eval_cascade(
+    client: Client,
+    file: Path,
+    labels: str | None,
+    model: str | None,
+    mode: str | None,
+    cascade_model: str,
+    thresholds: str | None,
+    png: Path,
+    json_out: Path | None,
+) -> None:
+    from postroom_cli.cascade_eval import DEFAULT_THRESHOLDS, run_cascade_eval
+
+    try:
+        points = (
+            sorted({float(t) for t in thresholds.split(",")}) if thresholds else DEFAULT_THRESHOLDS
+        )
+    except ValueError as e:
+        err.print(f"[red]--thresholds: {e}; give numbers between 0 and 1, e.g. 0,0.5,0.9[/]")
+        raise typer.Exit(2) from e
+    try:
+        report = run_cascade_eval(
+            client,
+            file,
+            labels=labels,
+            model=model,
+            mode=mode,
+            cascade_model=cascade_model,
+            thresholds=points,
+            console=console,
+            png=png,
+        )
+    except (ApiError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {json_out}")
 
 

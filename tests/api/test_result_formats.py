@@ -56,7 +56,17 @@ def _expected(jsonl: Path) -> list[tuple[Any, ...]]:
         line = json.loads(text)
         dist = line.get("distribution") or {}
         base = [line[c] for c in ("id", "label", "confidence", "route", "model", "revision")]
-        rows.append((*base, line["error"], *(dist.get(label) for label in LABELS)))
+        first = line.get("first") or {}
+        cascade = [first.get(c) for c in ("label", "confidence", "route", "model")]
+        rows.append(
+            (
+                *base,
+                line["error"],
+                *cascade,
+                line.get("escalation_error"),
+                *(dist.get(label) for label in LABELS),
+            )
+        )
     return rows
 
 
@@ -91,6 +101,13 @@ def test_csv_and_parquet_read_back_equal_to_jsonl(
     expected = _expected(paths["jsonl"])
     assert len(expected) == DOCS
     assert sum(1 for row in expected if row[6] is not None) == len(range(0, DOCS, 17))
+    # A cascade's first answers and escalation errors are columns of their own.
+    escalated = [n for n in range(DOCS) if n % 13 == 0 and n % 17]
+    assert [row[0] for row in expected if row[7] is not None] == [f"doc-{n}" for n in escalated]
+    assert all(row[9] == "gpu" for row in expected if row[7] is not None)
+    assert sum(1 for row in expected if row[11] is not None) == sum(
+        1 for n in range(DOCS) if n % 19 == 0 and n % 13 and n % 17
+    )
 
     # Then pandas and DuckDB read both files back as the JSONL says, in input order
     csv = pd.read_csv(paths["csv"], dtype={"id": str, "label": str, "error": str})
