@@ -185,6 +185,9 @@ def test_lines_skipped_at_submission_are_failed_rows_in_every_format(
     job_id = make_job(sessions, sizes=(3,), rejected=(bad,), tenant=tenant)
     rows = list(client.results(str(job_id), format="csv"))
     assert rows[0] == ",".join(COLUMNS)
-    assert rows[1] == 'line-2,,,,tiny,tiny-seed0,"invalid_document: line 2, field text: empty",,'
+    # (five empty cascade columns, then the two labels' empty probabilities)
+    assert rows[1] == (
+        'line-2,,,,tiny,tiny-seed0,"invalid_document: line 2, field text: empty",,,,,,,'
+    )
     with sessions.begin() as session:  # nothing left running for later tests
         session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
