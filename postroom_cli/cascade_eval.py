@@ -125,8 +125,11 @@ def run_cascade_eval(
     points = sweep(answers, thresholds, first_cost=first_cost, frontier_cost_per_doc=per_doc)
     print_sweep(points, console)
     if png is not None:
-        draw(points, png, title=f"{path.name}: {job['model']} → {summary.get('model', '?')}")
-        console.print(f"plot written to {png}")
+        try:
+            draw(points, png, title=f"{path.name}: {job['model']} → {summary.get('model', '?')}")
+            console.print(f"plot written to {png}")
+        except ImportError:
+            console.print("no plot: matplotlib is not installed (pip install matplotlib)")
     return {
         "job_id": job["id"],
         "model": job["model"],
