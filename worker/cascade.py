@@ -43,6 +43,14 @@ class CascadeOutcome:
     first_tokens_out: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def outcomes(self) -> dict[str, int]:
+        return {
+            "escalated": self.docs,
+            "failed": self.failed,
+            "agreed": self.agreed,
+            "capped": self.capped,
+        }
+
     def columns(self) -> dict[str, int]:
         return {
             "cascade_docs": self.docs,
@@ -128,8 +136,10 @@ def escalate(
         first_tokens_in=sum(r.tokens_in for r in results),
         first_tokens_out=sum(r.tokens_out for r in results),
     )
-    if cascade.route == route and (route == "spill" or cascade.model == spec.model):
-        return results, outcome  # the first answer already came from the frontier
+    if route == "spill":
+        # A shard on the managed API already has the frontier's answers (or better ones than
+        # a self-hosted alias would give): nothing to ask again.
+        return results, outcome
     prompt_chars = len(instructions_text(spec.labels, spec.instructions))
     costs = [
         estimated_cost(cascade, settings, text=str(d["text"]), prompt_chars=prompt_chars)

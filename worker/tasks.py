@@ -287,13 +287,19 @@ def _write_results(runtime: Runtime, run: ShardRun) -> None:
     """The S3 result object, after the fenced commit: only the attempt that won gets here, so a
     worker that lost its lease never overwrites it. A crash before it leaves the object to the
     reaper, which rebuilds it from the committed rows."""
-    spec = run.spec
+    spec, cascade = run.spec, run.cascade
     observe_shard(
         settings=runtime.settings,
         route=runtime.route,
         model=spec.model,
         results=run.results,
         seconds=run.marks["committed"] - run.marks["started"],
+        frontier=(
+            (spec.cascade.route, spec.cascade.model, cascade.tokens_in, cascade.tokens_out)
+            if cascade is not None and spec.cascade is not None
+            else None
+        ),
+        cascade=cascade.outcomes() if cascade is not None else None,
     )
     lines = [
         result_line(r, route=runtime.route, model=spec.model, revision=spec.revision)
