@@ -331,6 +331,7 @@ def test_cascade_under_managed_api_faults_and_a_killed_gpu_worker(
     assert all(r["route"] == "spill" and r["first"]["route"] == "gpu" for r in escalated)
     assert all(r["route"] == "gpu" for r in unlucky)
     job = fault_stack.client.job(str(job_id))
+    REPORT[name].update(escalated=len(escalated) + len(unlucky), escalation_failed=len(unlucky))
     assert job["cascade"]["escalated"] == len(escalated) + len(unlucky)
     assert job["cascade"]["failed"] == len(unlucky)
     # at most half of each shard, and the marked documents that were asked failed as data
