@@ -91,6 +91,18 @@ def sweep(
     return points
 
 
+def default_thresholds(answers: Sequence[Answers]) -> list[float]:
+    """The fixed grid plus the deciles of the first confidences, so the curve has points
+    where the model's confidences actually lie (a small model's may all sit in 0.3-0.5)."""
+    confidences = sorted(a.confidence for a in answers if a.confidence is not None)
+    deciles = {
+        round(confidences[min(len(confidences) - 1, len(confidences) * k // 10)], 3)
+        for k in range(1, 10)
+        if confidences
+    }
+    return sorted({*DEFAULT_THRESHOLDS, *deciles})
+
+
 def run_cascade_eval(
     client: Client,
     path: Path,
@@ -99,7 +111,7 @@ def run_cascade_eval(
     model: str | None,
     mode: str | None,
     cascade_model: str,
-    thresholds: Sequence[float],
+    thresholds: Sequence[float] | None,
     console: Console,
     png: Path | None,
     timeout: float = 3600.0,
@@ -122,6 +134,8 @@ def run_cascade_eval(
     )
     escalated = int(summary.get("escalated") or 0)
     per_doc = float(summary.get("cost") or 0.0) / escalated if escalated else 0.0
+    if thresholds is None:
+        thresholds = default_thresholds(answers)
     points = sweep(answers, thresholds, first_cost=first_cost, frontier_cost_per_doc=per_doc)
     print_sweep(points, console)
     if png is not None:

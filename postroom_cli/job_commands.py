@@ -193,7 +193,8 @@ def eval_(
         str, typer.Option(help="the cascade's frontier: 'spill' (the managed API) or an alias")
     ] = "spill",
     thresholds: Annotated[
-        str | None, typer.Option(help="thresholds to try, e.g. 0,0.5,0.9 (default 0 to 1)")
+        str | None,
+        typer.Option(help="thresholds, e.g. 0,0.5,0.9 (default: 0 to 1 and the deciles)"),
     ] = None,
     png: Annotated[Path, typer.Option(help="where --cascade draws its plot")] = Path("cascade.png"),
     api_url: ApiUrl = None,
@@ -239,12 +240,10 @@ def _eval_cascade(
     png: Path,
     json_out: Path | None,
 ) -> None:
-    from postroom_cli.cascade_eval import DEFAULT_THRESHOLDS, run_cascade_eval
+    from postroom_cli.cascade_eval import run_cascade_eval
 
     try:
-        points = (
-            sorted({float(t) for t in thresholds.split(",")}) if thresholds else DEFAULT_THRESHOLDS
-        )
+        points = sorted({float(t) for t in thresholds.split(",")}) if thresholds else None
     except ValueError as e:
         err.print(f"[red]--thresholds: {e}; give numbers between 0 and 1, e.g. 0,0.5,0.9[/]")
         raise typer.Exit(2) from e

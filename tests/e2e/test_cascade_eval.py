@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -74,8 +75,6 @@ def test_eval_cascade_accuracy_rises_with_the_threshold(
             "--model",
             "tiny",
             "--cascade",
-            "--thresholds",
-            "0,0.3,0.4,0.5,0.6,0.8,1",
             "--json",
             str(report),
             "--png",
@@ -102,8 +101,10 @@ def test_eval_cascade_accuracy_rises_with_the_threshold(
     assert accuracy[0] < 0.6
     assert accuracy[-1] == pytest.approx(1 - ERROR_RATE, abs=0.08)
     assert accuracy[-1] - accuracy[0] > 0.3
+    # the default thresholds include the first confidences' deciles: points along the rise
     middle = [a for p, a in zip(points, accuracy, strict=True) if 0 < p["escalated"] < 90]
-    assert all(accuracy[0] - 0.05 <= a <= accuracy[-1] + 0.05 for a in middle), accuracy
+    assert len(middle) >= 5, points
+    assert all(b >= a - 0.05 for a, b in itertools.pairwise(accuracy)), accuracy
     costs = [p["cost"] for p in points]
     assert costs == sorted(costs)
     assert costs[-1] > costs[0]

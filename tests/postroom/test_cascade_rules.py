@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from postroom.domain import Cascade, DocResult
-from postroom_cli.cascade_eval import Answers, answers_of, sweep
+from postroom_cli.cascade_eval import Answers, answers_of, default_thresholds, sweep
 from worker.cascade import choose
 
 
@@ -68,3 +68,12 @@ def test_sweep_replays_each_threshold() -> None:
     assert [p.accuracy for p in points] == [0.25, 0.5, 0.75, 0.75]
     assert [p.cost for p in points] == [0.5, 0.75, 1.0, 1.25]
     assert points[-1].per_1000_docs == pytest.approx(1.25 / 4 * 1000)
+
+
+def test_default_thresholds_add_the_deciles_of_the_confidences() -> None:
+    answers = [Answers("a", "a", 0.30 + i / 1000, None) for i in range(100)]
+    thresholds = default_thresholds(answers)
+    assert thresholds == sorted(thresholds)
+    assert {0.0, 0.5, 1.0} <= set(thresholds)
+    # nine points inside 0.30-0.40, where every confidence lies
+    assert [t for t in thresholds if 0.3 < t < 0.4] == [round(0.31 + k / 100, 3) for k in range(9)]
