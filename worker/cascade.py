@@ -16,7 +16,7 @@ import logging
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from postroom.costs import ANSWER_TOKENS, TOKENS_PER_CHAR, gpu_cost, spill_cost
@@ -41,7 +41,6 @@ class CascadeOutcome:
     tokens_out: int = 0
     first_tokens_in: int = 0  # the first route's, for the shard's own spend
     first_tokens_out: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def outcomes(self) -> dict[str, int]:
         return {
