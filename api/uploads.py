@@ -35,6 +35,7 @@ def upload_options(
     expires_after: int | None = None,
     priority: str = "normal",
     label_template: str | None = None,
+    cascade: str | None = None,
 ) -> JobOptions:
     raw: dict[str, Any] = {
         "labels": json_or_csv(labels, "labels"),
@@ -54,6 +55,8 @@ def upload_options(
         raw["deadline"] = float(deadline) if is_number(deadline) else deadline
     if metadata is not None:
         raw["metadata"] = json_or_csv(metadata, "metadata")
+    if cascade is not None:
+        raw["cascade"] = json_object(cascade, "cascade")
     try:
         return JobOptions.model_validate(raw)
     except ValidationError as e:
@@ -72,6 +75,20 @@ def json_or_csv(value: str, field: str) -> Any:
         except ValueError as e:
             raise InvalidInput(f"{field} is not valid JSON: {e}", details=[{"field": field}]) from e
     return [part.strip() for part in text.split(",")]
+
+
+def json_object(value: str, field: str) -> Any:
+    """A JSON object given as a query or form field (`cascade={"below": 0.7}`)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise InvalidInput(
+            f'{field} is not valid JSON: {e}; send an object like {{"below": 0.7}}',
+            details=[{"field": field}],
+        ) from e
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"{field} must be a JSON object", details=[{"field": field}])
+    return parsed
 
 
 def is_number(value: str) -> bool:

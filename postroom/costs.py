@@ -45,21 +45,30 @@ def estimate(settings: Settings, *, docs: int, chars: int, prompt_chars: int) ->
     }
 
 
-def spend(settings: Settings, by_route: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """`by_route[route] = {docs, tokens_in, tokens_out}` → cost per route, total, $/1,000 docs."""
+def route_cost(settings: Settings, route: str, *, tokens_in: float, tokens_out: float) -> float:
+    if route == "spill":
+        return spill_cost(settings, tokens_in=tokens_in, tokens_out=tokens_out)
+    if route == "batch":
+        return batch_cost(settings, tokens_in=tokens_in, tokens_out=tokens_out)
+    return gpu_cost(settings, tokens_in=tokens_in)
+
+
+def spend(
+    settings: Settings, by_route: dict[str, dict[str, int]], *, docs: int | None = None
+) -> dict[str, Any]:
+    """`by_route[route] = {docs, tokens_in, tokens_out}` → cost per route, total, $/1,000 docs.
+
+    `docs` is the number of documents when a document may count on two routes (a cascade
+    escalation is work on both); by default the routes' documents are summed."""
     out: dict[str, Any] = {}
     total = 0.0
-    docs = 0
+    counted = 0
     for route, row in sorted(by_route.items()):
-        if route == "spill":
-            cost = spill_cost(settings, tokens_in=row["tokens_in"], tokens_out=row["tokens_out"])
-        elif route == "batch":
-            cost = batch_cost(settings, tokens_in=row["tokens_in"], tokens_out=row["tokens_out"])
-        else:
-            cost = gpu_cost(settings, tokens_in=row["tokens_in"])
+        cost = route_cost(settings, route, tokens_in=row["tokens_in"], tokens_out=row["tokens_out"])
         out[route] = {**row, "cost": round(cost, 6)}
         total += cost
-        docs += row["docs"]
+        counted += row["docs"]
+    docs = counted if docs is None else docs
     out["total"] = round(total, 6)
     out["per_1000_docs"] = round(total / docs * 1000, 6) if docs else None
     return out

@@ -57,6 +57,46 @@ class Label(BaseModel):
     )
 
 
+CASCADE_SPILL = "spill"  # `cascade.model` naming the managed API (DESIGN §3) rather than an alias
+
+
+class CascadeOptions(BaseModel):
+    """`cascade` of a job: documents whose first answer's confidence is under `below` are asked
+    again on a frontier route (the managed API, or another registry alias), the least confident
+    first, within `max_share` of each shard's documents and `max_cost` dollars for the job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    below: float = Field(
+        gt=0, le=1, description="escalate documents whose first confidence is under this (0-1]"
+    )
+    model: str = Field(
+        default=CASCADE_SPILL,
+        min_length=1,
+        description="'spill' (or POSTROOM_SPILL_MODEL's name): the managed API; else an alias",
+    )
+    max_share: float = Field(
+        default=1.0, gt=0, le=1, description="at most this share of each shard's documents"
+    )
+    max_cost: float | None = Field(
+        default=None, ge=0, description="the most the escalations of this job may cost, in $"
+    )
+
+
+class Cascade(BaseModel):
+    """A job's cascade as the worker runs it: the options resolved to a route and model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    below: float
+    route: Route
+    model: str  # the managed API's model name, or a registry alias (route gpu)
+    mode: Mode | None = None  # of the alias (route gpu)
+    revision: str = ""
+    max_share: float = 1.0
+    max_cost: float | None = None
+
+
 class JobSpec(BaseModel):
     """Everything a worker needs to classify a job's documents (stored as `jobs.spec`)."""
 
@@ -71,6 +111,7 @@ class JobSpec(BaseModel):
     # Embedding mode: how a label without a description is phrased ({name}); None (jobs stored
     # before templates existed) embeds the bare name.
     label_template: str | None = None
+    cascade: Cascade | None = None
 
 
 class Document(BaseModel):
@@ -97,6 +138,28 @@ class DocResult(BaseModel):
     truncated: bool = False
     tokens_in: int = 0
     tokens_out: int = 0
+    # Cascade: the first answer when this one came from the frontier route, and why an
+    # escalation failed when the first answer stands.
+    first: FirstAnswer | None = None
+    escalation_error: str | None = None
+    # Set when the answer came from another route than its shard's (the cascade's frontier).
+    route: str | None = None
+    model: str | None = None
+    revision: str | None = None
+
+
+class FirstAnswer(BaseModel):
+    """The first route's answer of an escalated document (`first` of its result)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str | None
+    confidence: float | None
+    route: str
+    model: str
+
+
+DocResult.model_rebuild()
 
 
 DEFAULT_INSTRUCTIONS = (

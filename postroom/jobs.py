@@ -297,6 +297,25 @@ def spend_by_route(*, session: Session, job_id: uuid.UUID) -> dict[str, dict[str
     }
 
 
+def cascade_totals(*, session: Session, job_id: uuid.UUID) -> dict[str, int]:
+    """The cascade's counts and frontier tokens over the job's finished shards."""
+    columns = (
+        Shard.cascade_docs,
+        Shard.cascade_failed,
+        Shard.cascade_agreed,
+        Shard.cascade_capped,
+        Shard.cascade_tokens_in,
+        Shard.cascade_tokens_out,
+    )
+    row = session.execute(
+        select(*(func.coalesce(func.sum(c), 0) for c in columns)).where(
+            Shard.job_id == job_id, Shard.state == ShardState.done
+        )
+    ).one()
+    names = ("escalated", "failed", "agreed", "capped", "tokens_in", "tokens_out")
+    return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+
 def active_jobs(*, session: Session) -> list[Any]:
     """What the router weighs of each active job, oldest first."""
     return list(
@@ -335,12 +354,19 @@ class WorkOrder:
     created_at: datetime  # with `part`, the partition of the job's result rows
     part: uuid.UUID
     deadline: datetime | None = None
+    total_docs: int = 0  # the cascade's cost cap is shared out pro rata
 
 
 def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
     row = session.execute(
         select(
-            Job.spec, Job.status, Job.shard_count, Job.created_at, Job.own_partition, Job.deadline
+            Job.spec,
+            Job.status,
+            Job.shard_count,
+            Job.created_at,
+            Job.own_partition,
+            Job.deadline,
+            Job.total_docs,
         ).where(Job.id == job_id)
     ).one()
     return WorkOrder(
@@ -350,4 +376,5 @@ def work_order(*, session: Session, job_id: uuid.UUID) -> WorkOrder:
         row.created_at,
         results_part(job_id, own_partition=row.own_partition),
         row.deadline,
+        int(row.total_docs),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,6 +61,12 @@ DOCUMENT_FAILURES = Counter(
     "Failed documents, by reason code (the text before ':' of the result's error)",
     ["reason"],
 )
+CASCADE = Counter(
+    "postroom_cascade_documents_total",
+    "Cascade: documents escalated to the frontier route, those whose escalation failed, those "
+    "where both routes agreed, and those under the threshold the caps left out",
+    ["outcome"],
+)
 SPEND = Counter(
     "postroom_spend_dollars_total",
     "Estimated spend of committed results in dollars, by route (POSTROOM_SPILL_PRICE_*, "
@@ -108,11 +114,29 @@ def observe_shard(
     model: str,
     results: Sequence[DocResult],
     seconds: float,
+    frontier: tuple[str, str, int, int] | None = None,
+    cascade: Mapping[str, int] | None = None,
 ) -> None:
-    """Count one committed shard: documents, tokens, failures by reason, spend, latency."""
+    """Count one committed shard: documents, tokens, failures by reason, spend, latency.
+
+    With a cascade, `frontier` is its (route, model, tokens in, tokens out), counted on that
+    route (the results' tokens hold both routes'), and `cascade` its counts by outcome."""
     failed = [r for r in results if r.error]
     tokens_in = sum(r.tokens_in for r in results)
     tokens_out = sum(r.tokens_out for r in results)
+    if frontier is not None:
+        f_route, f_model, f_in, f_out = frontier
+        tokens_in, tokens_out = tokens_in - f_in, tokens_out - f_out
+        TOKENS.labels(f_route, f_model, "in").inc(f_in)
+        TOKENS.labels(f_route, f_model, "out").inc(f_out)
+        f_cost = (
+            spill_cost(settings, tokens_in=f_in, tokens_out=f_out)
+            if f_route == "spill"
+            else gpu_cost(settings, tokens_in=f_in)
+        )
+        SPEND.labels(f_route).inc(f_cost)
+    for outcome, count in (cascade or {}).items():
+        CASCADE.labels(outcome).inc(count)
     DOCUMENTS.labels(route, model, "succeeded").inc(len(results) - len(failed))
     DOCUMENTS.labels(route, model, "failed").inc(len(failed))
     for result in failed:

@@ -19,6 +19,16 @@ MEDIA_TYPES: dict[str, str] = {
     "parquet": "application/vnd.apache.parquet",
 }
 BASE_COLUMNS = ("id", "label", "confidence", "route", "model", "revision", "error")
+# A cascaded document's first answer (empty unless the frontier's answer replaced it), and why
+# an escalation failed (the first answer then stands).
+CASCADE_COLUMNS = (
+    "first_label",
+    "first_confidence",
+    "first_route",
+    "first_model",
+    "escalation_error",
+)
+LINE_COLUMNS = (*BASE_COLUMNS, *CASCADE_COLUMNS)
 PROBABILITY_PREFIX = "prob_"
 LINES_PER_CHUNK = 500
 
@@ -30,15 +40,24 @@ def probability_column(label: str) -> str:
 
 def result_columns(labels: Sequence[str]) -> list[str]:
     """The flat columns of CSV and Parquet: the line's fields, then one probability per label."""
-    return [*BASE_COLUMNS, *(probability_column(label) for label in labels)]
+    return [*LINE_COLUMNS, *(probability_column(label) for label in labels)]
 
 
 def flat_row(line: dict[str, Any], labels: Sequence[str]) -> dict[str, Any]:
     """A result line (the JSONL shape) flattened to the columns of `result_columns`."""
-    row = {name: line.get(name) for name in BASE_COLUMNS}
+    row = _line_values(line)
     distribution = line.get("distribution") or {}
     for label in labels:
         row[probability_column(label)] = distribution.get(label)
+    return row
+
+
+def _line_values(line: dict[str, Any]) -> dict[str, Any]:
+    row = {name: line.get(name) for name in BASE_COLUMNS}
+    first = line.get("first") or {}
+    for name in ("label", "confidence", "route", "model"):
+        row[f"first_{name}"] = first.get(name)
+    row["escalation_error"] = line.get("escalation_error")
     return row
 
 
@@ -74,7 +93,18 @@ def csv_chunks(lines: Iterable[dict[str, Any]], labels: Sequence[str]) -> Iterat
 
 
 def parquet_schema(labels: Sequence[str]) -> pa.Schema:
-    strings = {"id", "label", "route", "model", "revision", "error"}
+    strings = {
+        "id",
+        "label",
+        "route",
+        "model",
+        "revision",
+        "error",
+        "first_label",
+        "first_route",
+        "first_model",
+        "escalation_error",
+    }
     return pa.schema(
         [
             (name, pa.string() if name in strings else pa.float64())
@@ -117,8 +147,9 @@ def parquet_chunks(
     writer = pq.ParquetWriter(sink, schema, compression="zstd")
     try:
         for batch in _batches(lines, row_group):
+            rows = [_line_values(line) for line in batch]
             columns: dict[str, list[Any]] = {
-                name: [line.get(name) for line in batch] for name in BASE_COLUMNS
+                name: [row[name] for row in rows] for name in LINE_COLUMNS
             }
             for label in labels:
                 columns[probability_column(label)] = [

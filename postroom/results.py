@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from postroom.db.models import Job, Result
-from postroom.domain import DocResult
+from postroom.domain import DocResult, FirstAnswer
 from postroom.partitions import insert_routed, results_part
 
 UPSERT_BATCH = 1000
@@ -28,16 +28,36 @@ def result_line(result: DocResult, *, route: str, model: str, revision: str) -> 
         "id": result.id,
         "label": result.label,
         "confidence": result.confidence,
-        "route": route,
-        "model": model,
-        "revision": revision,
+        "route": result.route or route,
+        "model": result.model or model,
+        "revision": result.revision if result.revision is not None else revision,
         "error": result.error,
     }
     if result.distribution is not None:
         line["distribution"] = result.distribution
     if result.truncated:
         line["truncated"] = True
+    add_cascade(line, result.first, result.escalation_error)
     return line
+
+
+def add_cascade(
+    line: dict[str, Any], first: FirstAnswer | None, escalation_error: str | None
+) -> None:
+    """A cascaded document's extra fields: `first` (the first route's answer, when the
+    frontier's replaced it) and `escalation_error` (when the first answer stands)."""
+    if first is not None:
+        line["first"] = first.model_dump()
+    if escalation_error is not None:
+        line["escalation_error"] = escalation_error
+
+
+def _first(
+    label: str | None, confidence: float | None, route: str | None, model: str | None
+) -> FirstAnswer | None:
+    if route is None:
+        return None
+    return FirstAnswer(label=label, confidence=confidence, route=route, model=model or "")
 
 
 def upsert_results(
@@ -76,6 +96,11 @@ def upsert_results(
                 "tokens_out",
                 "attempt",
                 "updated_at",
+                "first_label",
+                "first_confidence",
+                "first_route",
+                "first_model",
+                "escalation_error",
             )
         },
     )
@@ -90,14 +115,19 @@ def upsert_results(
             "label": r.label,
             "confidence": r.confidence,
             "distribution": r.distribution,
-            "route": route,
-            "model": model,
-            "revision": revision,
+            "route": r.route or route,
+            "model": r.model or model,
+            "revision": r.revision if r.revision is not None else revision,
             "error": r.error,
             "truncated": r.truncated,
             "tokens_in": r.tokens_in,
             "tokens_out": r.tokens_out,
             "attempt": attempt,
+            "first_label": r.first.label if r.first else None,
+            "first_confidence": r.first.confidence if r.first else None,
+            "first_route": r.first.route if r.first else None,
+            "first_model": r.first.model if r.first else None,
+            "escalation_error": r.escalation_error,
         }
         for line, r in results
     ]
@@ -141,6 +171,11 @@ def iter_result_lines(
             Result.error,
             Result.distribution,
             Result.truncated,
+            Result.first_label,
+            Result.first_confidence,
+            Result.first_route,
+            Result.first_model,
+            Result.escalation_error,
         )
         .where(*of_job(session=session, job_id=job_id))
         .order_by(Result.line)
@@ -159,6 +194,11 @@ def iter_result_lines(
         error,
         distribution,
         truncated,
+        first_label,
+        first_confidence,
+        first_route,
+        first_model,
+        escalation_error,
     ) in session.execute(query):
         line: dict[str, Any] = {
             "id": doc_id,
@@ -173,6 +213,11 @@ def iter_result_lines(
             line["distribution"] = distribution
         if truncated:
             line["truncated"] = True
+        add_cascade(
+            line,
+            _first(first_label, first_confidence, first_route, first_model),
+            escalation_error,
+        )
         yield line
 
 
@@ -207,6 +252,8 @@ def shard_result_lines(
             ),
             error=row.error,
             truncated=row.truncated,
+            first=_first(row.first_label, row.first_confidence, row.first_route, row.first_model),
+            escalation_error=row.escalation_error,
         )
         lines.append(
             result_line(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -210,8 +210,10 @@ def finish_shard(
     route: str,
     tokens_in: int = 0,
     tokens_out: int = 0,
+    cascade: Mapping[str, int] | None = None,
 ) -> bool:
     """Mark a shard done if this attempt still holds it (fencing); complete the job when last.
+    `cascade` holds the shard's cascade counts (its `cascade_*` columns), when the job has one.
 
     Returns False when the lease was lost: the caller must roll back, so a late writer never
     overwrites a newer attempt's results.
@@ -228,6 +230,7 @@ def finish_shard(
             tokens_out=tokens_out,
             lease_until=None,
             finished_at=func.now(),
+            **(cascade or {}),
         )
         .returning(Shard.shard_no)
     ).scalar_one_or_none()

@@ -31,8 +31,11 @@ from postroom.costs import estimate
 from postroom.db.models import Job
 from postroom.deletion import mark_deleted
 from postroom.domain import (
+    CASCADE_SPILL,
     DEFAULT_INSTRUCTIONS,
     QUEUE_SPILL,
+    Cascade,
+    CascadeOptions,
     Decoding,
     JobSpec,
     Label,
@@ -95,6 +98,11 @@ class JobOptions(BaseModel):
     expires_after: int | None = Field(
         default=None, gt=0, description="seconds after the job finishes before it is purged"
     )
+    cascade: CascadeOptions | None = Field(
+        default=None,
+        description="re-ask documents under a confidence on a frontier route: "
+        '{"below": 0.7, "model": "spill", "max_share": 0.2, "max_cost": 5}',
+    )
 
     @field_validator("deadline")
     @classmethod
@@ -153,8 +161,43 @@ def prepare_spec(
         revision=model.revision,
         decoding=options.decoding,
         label_template=template if model.mode == "embedding" else None,
+        cascade=resolve_cascade(options.cascade, alias=alias, settings=settings),
     )
     return spec, warnings
+
+
+def resolve_cascade(
+    options: CascadeOptions | None, *, alias: str, settings: Settings
+) -> Cascade | None:
+    """The job's `cascade` as the worker runs it: `model` names the managed API ("spill", or
+    POSTROOM_SPILL_MODEL's name) or a registry alias other than the job's own (422 otherwise)."""
+    if options is None:
+        return None
+    name = options.model
+    caps = {"below": options.below, "max_share": options.max_share, "max_cost": options.max_cost}
+    if name == CASCADE_SPILL or (settings.spill_model and name == settings.spill_model):
+        if not settings.spill_base_url:
+            raise InvalidInput(
+                "cascade.model: the managed API is not configured on this deployment "
+                "(POSTROOM_SPILL_BASE_URL is empty); name a registry alias instead",
+                details=[{"field": "cascade.model", "reason": "no managed API"}],
+            )
+        return Cascade(route="spill", model=settings.spill_model or "default", **caps)
+    if name == alias:
+        raise InvalidInput(
+            f"cascade.model: {name!r} is the job's own model, so it would answer the same; "
+            f"name a stronger alias or {CASCADE_SPILL!r} (the managed API)",
+            details=[{"field": "cascade.model", "reason": "same as the job's model"}],
+        )
+    if name not in settings.models:
+        known = sorted(settings.models)
+        raise InvalidInput(
+            f"cascade.model: {name!r} is neither {CASCADE_SPILL!r} (the managed API) nor an "
+            f"alias in the registry; use one of: {', '.join([CASCADE_SPILL, *known])}",
+            details=[{"field": "cascade.model", "registered": known}],
+        )
+    target = settings.models[name]
+    return Cascade(route="gpu", model=name, mode=target.mode, revision=target.revision, **caps)
 
 
 class Submission:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,25 @@ class EvalRun:
         return len(self.truth) / self.seconds if self.seconds else 0.0
 
 
+@contextlib.contextmanager
+def labelled_upload(path: Path, labels: str | None) -> Iterator[tuple[Path, str, dict[str, str]]]:
+    """The labelled file without its `label` fields (a temporary file, removed after), the
+    `labels` parameter, and the truth by document id."""
+    param = labels_param(path, labels)
+    truth: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        upload = Path(folder) / "documents.jsonl"
+        with upload.open("w", encoding="utf-8") as out, path.open(encoding="utf-8") as src:
+            for number, line in enumerate(src, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                doc_id = str(row.get("id", number))
+                truth[doc_id] = row.pop("label")
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        yield upload, param, truth
+
+
 def run_job(
     client: Client,
     path: Path,
@@ -67,22 +88,9 @@ def run_job(
 ) -> EvalRun:
     """Upload the documents without their `label` field with the job parameters `params` (model,
     mode, decoding, …), wait for the job, and collect its labels and confidences."""
-    param = labels_param(path, labels)
-    truth: dict[str, str] = {}
-    with (
-        tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as tmp,
-        path.open(encoding="utf-8") as src,
-    ):
-        for number, line in enumerate(src, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            doc_id = str(row.get("id", number))
-            truth[doc_id] = row.pop("label")
-            tmp.write(json.dumps(row, ensure_ascii=False) + "\n")
     started = time.monotonic()
-    job = client.upload(Path(tmp.name), {**params, "labels": param})
-    Path(tmp.name).unlink()
+    with labelled_upload(path, labels) as (upload, param, truth):
+        job = client.upload(upload, {**params, "labels": param})
     job = wait_for_job(client, job["id"], timeout=timeout)
     elapsed = time.monotonic() - started
     predicted = {r["id"]: (r["label"], r.get("confidence")) for r in client.results(job["id"])}

@@ -36,17 +36,11 @@ def _client(api_url: str | None, key: str | None) -> Client:
 
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL documents")],
-    labels: Annotated[
-        str,
-        typer.Option(help="a,b,c, a JSON list of {name, description?, examples?}, or @labels.json"),
-    ],
+    labels: Annotated[str, typer.Option(help="a,b,c or a JSON list of {name, description}")],
     mode: Annotated[str | None, typer.Option(help="generative | embedding")] = None,
     model: Annotated[str | None, typer.Option(help="model alias")] = None,
     decoding: Annotated[str, typer.Option(help="score | choice")] = "score",
     instructions: str | None = None,
-    label_template: Annotated[
-        str | None, typer.Option(help="embedding mode: a bare label's phrasing, with {name}")
-    ] = None,
     on_invalid: Annotated[str, typer.Option(help="reject | skip")] = "reject",
     spill: str = "auto",
     deadline: Annotated[str | None, typer.Option(help="ISO 8601 or seconds")] = None,
@@ -58,8 +52,7 @@ def submit(
     """Upload a JSONL file as a job. The job id is the last line of output."""
     client = _client(api_url, key)
     params = {
-        "labels": Path(labels[1:]).read_text() if labels.startswith("@") else labels,
-        "label_template": label_template,
+        "labels": labels,
         "mode": mode,
         "model": model,
         "decoding": decoding,
@@ -205,13 +198,30 @@ def eval_(
     plot: Annotated[
         Path | None, typer.Option(help="with --compare: a reliability diagram (PNG) here")
     ] = None,
+    cascade: Annotated[
+        bool,
+        typer.Option(
+            "--cascade",
+            help="accuracy and cost as a cascade's threshold moves (a table and a PNG)",
+        ),
+    ] = False,
+    cascade_model: Annotated[
+        str, typer.Option(help="the cascade's frontier: 'spill' (the managed API) or an alias")
+    ] = "spill",
+    thresholds: Annotated[
+        str | None,
+        typer.Option(help="thresholds, e.g. 0,0.5,0.9 (default: 0 to 1 and the deciles)"),
+    ] = None,
+    png: Annotated[Path, typer.Option(help="where --cascade draws its plot")] = Path("cascade.png"),
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     api_url: ApiUrl = None,
     key: ApiKey = None,
 ) -> None:
     """Classify a labelled JSONL through the pipeline; print accuracy, macro-F1, confusion. With
     --compare A,B: both sides' accuracy, macro-F1, per-label F1, calibration (ECE) and docs/s,
-    and how often they agree; --max-drop makes it a quality gate."""
+    and how often they agree; --max-drop makes it a quality gate. With --cascade: every document
+    is answered by the model and by the frontier, and the table and the PNG show accuracy and $
+    per 1,000 documents for each threshold."""
     from postroom_cli.evaluate import run_eval
 
     if compare is None and (max_drop is not None or plot is not None):
@@ -219,8 +229,13 @@ def eval_(
     if compare is not None and (model or mode):
         raise typer.BadParameter("with --compare, name the models in it: --compare A,B")
     client = _client(api_url, key)
+    if compare is not None and cascade:
+        raise typer.BadParameter("--compare and --cascade are separate runs; give one")
     if compare is not None:
         _eval_compare(client, file, labels, compare, max_drop, plot, json_out)
+        return
+    if cascade:
+        _eval_cascade(client, file, labels, model, mode, cascade_model, thresholds, png, json_out)
         return
     try:
         report, job, elapsed = run_eval(
@@ -238,6 +253,44 @@ def eval_(
     }
     if json_out:
         json_out.write_text(json.dumps(data, indent=2))
+        console.print(f"report written to {json_out}")
+
+
+def _eval_cascade(
+    client: Client,
+    file: Path,
+    labels: str | None,
+    model: str | None,
+    mode: str | None,
+    cascade_model: str,
+    thresholds: str | None,
+    png: Path,
+    json_out: Path | None,
+) -> None:
+    from postroom_cli.cascade_eval import run_cascade_eval
+
+    try:
+        points = sorted({float(t) for t in thresholds.split(",")}) if thresholds else None
+    except ValueError as e:
+        err.print(f"[red]--thresholds: {e}; give numbers between 0 and 1, e.g. 0,0.5,0.9[/]")
+        raise typer.Exit(2) from e
+    try:
+        report = run_cascade_eval(
+            client,
+            file,
+            labels=labels,
+            model=model,
+            mode=mode,
+            cascade_model=cascade_model,
+            thresholds=points,
+            console=console,
+            png=png,
+        )
+    except (ApiError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from e
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
         console.print(f"report written to {json_out}")
 
 

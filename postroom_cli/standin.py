@@ -7,6 +7,11 @@ answers that are garbage or outside the label set, slow responses and hangs, eit
 calls or for a share of all calls (a steady mix under load). `GET /admin/log` returns what it saw
 and which fault each call got, so tests can check how clients behaved (e.g. no retry before
 Retry-After).
+
+Oracle mode (`POST /admin/oracle`, `StandinServer.set_oracle`) answers from a truth file (JSONL
+with `text` and `label`) instead, wrong on a configurable share of documents (chosen by a hash of
+the text, so the same document always gets the same answer): a frontier model of known accuracy,
+offline, for `postroom eval --cascade`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -47,6 +53,38 @@ class Faults:
 
 
 @dataclass
+class Oracle:
+    """Answers from the truth: `truth` maps a document's text to its label; a share
+    `error_rate` of documents get another label; answers carry `confidence`."""
+
+    truth: dict[str, str] = field(default_factory=dict)
+    error_rate: float = 0.0
+    confidence: float = 0.95
+
+    def answer(self, document: str, labels: list[str]) -> str | None:
+        """The oracle's label, or None for a document it has no truth for."""
+        label = self.truth.get(document)
+        if label is None or label not in labels:
+            return None
+        digest = int(hashlib.sha256(document.encode()).hexdigest(), 16)
+        if len(labels) > 1 and (digest % 10_000) / 10_000 < self.error_rate:
+            others = [name for name in labels if name != label]
+            return others[(digest // 10_000) % len(others)]
+        return label
+
+
+def load_truth(path: Path) -> dict[str, str]:
+    """A labelled JSONL (`{"text": …, "label": …}` per line) as text → label."""
+    truth: dict[str, str] = {}
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                row = json.loads(line)
+                truth[str(row["text"])] = str(row["label"])
+    return truth
+
+
+@dataclass
 class Call:
     arrived: float
     status: int = 0
@@ -59,6 +97,7 @@ class Call:
 @dataclass
 class State:
     faults: Faults = field(default_factory=Faults)
+    oracle: Oracle | None = None
     calls: list[Call] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,6 +134,22 @@ def create_standin(state: State | None = None) -> FastAPI:
             state.calls.clear()
         return asdict(state.faults)
 
+    @app.post("/admin/oracle")
+    async def set_oracle(request: Request) -> dict[str, Any]:
+        """`{"truth_file": PATH, "error_rate": 0.1, "confidence": 0.95}` turns oracle mode on
+        (`{"truth": {text: label}}` instead of a file also works); `{}` turns it off."""
+        body = await request.json()
+        if not body:
+            state.oracle = None
+            return {"oracle": False}
+        truth = body.get("truth") or load_truth(Path(body["truth_file"]))
+        state.oracle = Oracle(
+            truth=truth,
+            error_rate=float(body.get("error_rate", 0.0)),
+            confidence=float(body.get("confidence", 0.95)),
+        )
+        return {"oracle": True, "documents": len(truth), "error_rate": state.oracle.error_rate}
+
     @app.get("/admin/log")
     async def log() -> list[dict[str, Any]]:
         with state.lock:
@@ -116,7 +171,7 @@ def create_standin(state: State | None = None) -> FastAPI:
         try:
             response = await _injected_fault(call, index, faults)
             if response is None:
-                response = _completion(call, index, body, faults)
+                response = _completion(call, index, body, faults, state.oracle)
             return _done(call, response)
         except asyncio.CancelledError:
             call.disconnected = True
@@ -168,16 +223,21 @@ async def _injected_fault(call: Call, index: int, faults: Faults) -> Response | 
     return None
 
 
-def _completion(call: Call, index: int, body: dict[str, Any], faults: Faults) -> Response:
+def _completion(
+    call: Call, index: int, body: dict[str, Any], faults: Faults, oracle: Oracle | None = None
+) -> Response:
     """A chat completion whose content is the picked label in the requested schema (or, for
-    the marked documents, a label outside the set or unparseable content)."""
+    the marked documents, a label outside the set or unparseable content); in oracle mode, the
+    oracle's label for the documents it knows."""
     labels, key = _labels_and_key(body)
     if not labels:
         return JSONResponse(
             {"error": {"message": "response_format must carry a JSON schema enum"}},
             status_code=400,
         )
-    label = pick_label(call.document, labels)
+    known = oracle.answer(call.document, labels) if oracle is not None else None
+    label = known or pick_label(call.document, labels)
+    confidence = oracle.confidence if oracle is not None and known else 0.9
     if faults.outside_marker and faults.outside_marker in call.document:
         call.fault = "outside"
         label = UNKNOWN_LABEL
@@ -193,7 +253,9 @@ def _completion(call: Call, index: int, body: dict[str, Any], faults: Faults) ->
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "standin"),
-            "choices": [_choice(content, logprobs=bool(body.get("logprobs")))],
+            "choices": [
+                _choice(content, logprobs=bool(body.get("logprobs")), confidence=confidence)
+            ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": 5,
@@ -203,7 +265,7 @@ def _completion(call: Call, index: int, body: dict[str, Any], faults: Faults) ->
     )
 
 
-def _choice(content: str, *, logprobs: bool) -> dict[str, Any]:
+def _choice(content: str, *, logprobs: bool, confidence: float = 0.9) -> dict[str, Any]:
     choice: dict[str, Any] = {
         "index": 0,
         "message": {"role": "assistant", "content": content},
@@ -213,7 +275,12 @@ def _choice(content: str, *, logprobs: bool) -> dict[str, Any]:
     if logprobs:
         choice["logprobs"] = {
             "content": [
-                {"token": content, "logprob": math.log(0.9), "bytes": None, "top_logprobs": []}
+                {
+                    "token": content,
+                    "logprob": math.log(confidence),
+                    "bytes": None,
+                    "top_logprobs": [],
+                }
             ]
         }
     return choice
@@ -262,6 +329,20 @@ class StandinServer:
         self.state.faults = Faults(**faults)
         with self.state.lock:
             self.state.calls.clear()
+
+    def set_oracle(
+        self,
+        truth: dict[str, str] | Path | None,
+        *,
+        error_rate: float = 0.0,
+        confidence: float = 0.95,
+    ) -> None:
+        """Answer from `truth` (text → label, or a labelled JSONL); None turns it off."""
+        if truth is None:
+            self.state.oracle = None
+            return
+        mapping = load_truth(truth) if isinstance(truth, Path) else dict(truth)
+        self.state.oracle = Oracle(truth=mapping, error_rate=error_rate, confidence=confidence)
 
     def calls(self) -> list[Call]:
         with self.state.lock:

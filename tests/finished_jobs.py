@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Job
-from postroom.domain import DocResult
+from postroom.domain import DocResult, FirstAnswer
 from postroom.jobs import work_order
 from postroom.keys import input_shard_key, result_shard_key
 from postroom.results import result_line, upsert_results
@@ -24,13 +24,24 @@ LABELS = [label.name for label in SPEC.labels]  # "a", "b"
 
 
 def doc_result(n: int) -> DocResult:
-    """Document n's result: every 17th failed, the rest alternate a and b with a distribution."""
+    """Document n's result: every 17th failed, the rest alternate a and b with a distribution;
+    of those, every 13th was escalated by a cascade (its first answer kept) and every 19th's
+    escalation failed (its first answer stands)."""
     if n % 17 == 0:
         return DocResult(id=f"doc-{n}", error=f'too_long: document {n}, "quoted", has, commas')
     p = round(0.5 + (n % 50) / 100, 6)
     label, other = ("a", "b") if n % 2 else ("b", "a")
+    if n % 13 == 0:
+        first = FirstAnswer(label=other, confidence=0.5, route="gpu", model=SPEC.model)
+        return DocResult(
+            id=f"doc-{n}", label=label, confidence=0.9, first=first, route="spill", model="gpt"
+        )
     return DocResult(
-        id=f"doc-{n}", label=label, confidence=p, distribution={label: p, other: 1 - p}
+        id=f"doc-{n}",
+        label=label,
+        confidence=p,
+        distribution={label: p, other: 1 - p},
+        escalation_error="escalation_failed: 429, 429, 429" if n % 19 == 0 else None,
     )
 
 

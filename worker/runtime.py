@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Worker
 from postroom.db.session import make_engine, make_sessionmaker
+from postroom.domain import Cascade
 from postroom.settings import (
     DEFAULT_SMOLLM2_MODEL_DIR,
     DEFAULT_TINY_MODEL_DIR,
@@ -93,6 +94,8 @@ class Runtime:
         self.loop = LoopThread()
         self.engines: dict[str, EngineAdapter] = {}
         self.classifier: Classifier | None = None
+        self._frontier_spill: SpillClassifier | None = None
+        self._frontier_lock = threading.Lock()
         self._leases: dict[tuple[uuid.UUID, int], int] = {}
         self._leases_lock = threading.Lock()
         self._recent_jobs: list[uuid.UUID] = []
@@ -133,6 +136,21 @@ class Runtime:
         self._heartbeat.start()
         self.beat()
         logger.info("worker %s ready: models %s", self.name, ",".join(self.models))
+
+    def frontier(self, cascade: Cascade) -> Classifier | None:
+        """The classifier of a job's cascade route: the managed API (made on first use, one
+        per process so its concurrency and breaker are shared), or this worker's engines when
+        they host the alias; None when this worker cannot reach it."""
+        if cascade.route == "spill":
+            with self._frontier_lock:
+                if self._frontier_spill is None:
+                    self._frontier_spill = SpillClassifier(
+                        loop=self.loop, settings=self.settings, settle=True
+                    )
+                return self._frontier_spill
+        if cascade.model in self.engines:
+            return self.classifier
+        return None
 
     def stop(self) -> None:
         self._stop.set()

@@ -79,9 +79,13 @@ class CircuitBreaker:
 class SpillClassifier:
     route = "spill"
 
-    def __init__(self, *, loop: LoopThread, settings: Settings) -> None:
+    def __init__(self, *, loop: LoopThread, settings: Settings, settle: bool = False) -> None:
+        """`settle`: a document the endpoint cannot answer becomes that document's error
+        instead of sending the whole shard back (the cascade, whose documents have an answer
+        already)."""
         self.loop = loop
         self.settings = settings
+        self.settle = settle
         self.model = settings.spill_model or "default"
         self.breaker = CircuitBreaker(
             settings.spill_breaker_failures, settings.spill_breaker_reset_seconds
@@ -124,6 +128,9 @@ class SpillClassifier:
         self, system: str, labels: list[str], docs: Sequence[dict[str, Any]]
     ) -> list[DocResult]:
         tasks = [asyncio.ensure_future(self._one(system, labels, doc)) for doc in docs]
+        if self.settle:
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            return [_settled(doc, outcome) for doc, outcome in zip(docs, done, strict=True)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -229,6 +236,14 @@ class SpillClassifier:
             raise _Transient("response without choices")
         self.breaker.success()
         return response
+
+
+def _settled(doc: dict[str, Any], outcome: DocResult | BaseException) -> DocResult:
+    if isinstance(outcome, SpillUnavailable):
+        return DocResult(id=str(doc["id"]), error=f"escalation_failed: {outcome}")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -39,6 +39,7 @@ from postroom.shards import (
 )
 from postroom.storage import StorageError
 from worker.batch_spill import submit_batch, wants_batch
+from worker.cascade import CascadeOutcome, escalate
 from worker.classifier import ModelNotHosted
 from worker.runtime import Runtime, get_runtime
 from worker.spill import SpillUnavailable
@@ -113,6 +114,7 @@ class ShardRun:
     order: WorkOrder
     marks: dict[str, float] = field(default_factory=lambda: {"started": time.monotonic()})
     results: list[DocResult] = field(default_factory=list)
+    cascade: CascadeOutcome | None = None
 
     def mark(self, step: str) -> None:
         self.marks[step] = time.monotonic()
@@ -229,16 +231,31 @@ def _classify(
     if marker and any(marker in str(d["text"]) for d in docs):
         # Fault injection (tests only): this document "crashes the engine".
         raise EngineDeadError("fault injection: poison document")
-    results = runtime.classifier.classify(
-        job_id=run.job_id, spec=run.spec, shard=f"{run.job_id}/{run.shard_no}", docs=docs
-    )
-    return check_labels(run.spec, results)
+    shard = f"{run.job_id}/{run.shard_no}"
+    results = runtime.classifier.classify(job_id=run.job_id, spec=run.spec, shard=shard, docs=docs)
+    results = check_labels(run.spec, results)
+    if run.spec.cascade is not None:
+        results, run.cascade = escalate(
+            frontier=runtime.frontier(run.spec.cascade),
+            settings=runtime.settings,
+            job_id=run.job_id,
+            shard=shard,
+            spec=run.spec,
+            route=runtime.route,
+            total_docs=run.order.total_docs,
+            docs=docs,
+            results=results,
+        )
+    return results
 
 
 def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool:
     """Result rows and the fenced finish in one transaction; False when the lease was lost."""
-    results, spec = run.results, run.spec
+    results, spec, cascade = run.results, run.spec, run.cascade
     failed = sum(1 for r in results if r.error)
+    # The shard's own route's tokens; the frontier's are counted apart (cascade_tokens_*).
+    tokens_in = cascade.first_tokens_in if cascade else sum(r.tokens_in for r in results)
+    tokens_out = cascade.first_tokens_out if cascade else sum(r.tokens_out for r in results)
     with runtime.sessions.begin() as session:
         # Rows first, the fenced finish last: finish_shard locks the job row to complete it,
         # and that lock is then held only for the moment before the commit, so shards of one
@@ -259,8 +276,9 @@ def _commit(runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]]) -> bool
             succeeded=len(results) - failed,
             failed=failed,
             route=runtime.route,
-            tokens_in=sum(r.tokens_in for r in results),
-            tokens_out=sum(r.tokens_out for r in results),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cascade=cascade.columns() if cascade else None,
         )
         if not won:
             # Fenced out: roll back the rows written above with everything else.
@@ -278,13 +296,19 @@ def _write_results(runtime: Runtime, run: ShardRun) -> None:
     """The S3 result object, after the fenced commit: only the attempt that won gets here, so a
     worker that lost its lease never overwrites it. A crash before it leaves the object to the
     reaper, which rebuilds it from the committed rows."""
-    spec = run.spec
+    spec, cascade = run.spec, run.cascade
     observe_shard(
         settings=runtime.settings,
         route=runtime.route,
         model=spec.model,
         results=run.results,
         seconds=run.marks["committed"] - run.marks["started"],
+        frontier=(
+            (spec.cascade.route, spec.cascade.model, cascade.tokens_in, cascade.tokens_out)
+            if cascade is not None and spec.cascade is not None
+            else None
+        ),
+        cascade=cascade.outcomes() if cascade is not None else None,
     )
     lines = [
         result_line(r, route=runtime.route, model=spec.model, revision=spec.revision)

@@ -157,6 +157,9 @@ async def upload_job(
     label_template: Annotated[
         str | None, Query(description="embedding mode: how a bare label is phrased, with {name}")
     ] = None,
+    cascade: Annotated[
+        str | None, Query(description='a JSON object: {"below": 0.7, "model": "spill", …}')
+    ] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Create a job from a streamed JSONL body (`application/x-ndjson`) or a multipart `file`.
@@ -182,6 +185,7 @@ async def upload_job(
         expires_after,
         priority,
         label_template,
+        cascade,
     )
     check_options(options.model_dump(), settings=settings)
     sessions: sessionmaker[Session] = request.app.state.sessions

@@ -183,6 +183,15 @@ class Shard(Base):
     # Set once results/{job}/shard-N.jsonl holds the committed results (the S3 object is a
     # projection of the Postgres rows, written after the fenced commit).
     results_written_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Cascade (a job's `cascade`): documents of this shard asked again on the frontier route,
+    # those whose escalation failed (they keep their first answer), those where both routes
+    # agreed, those under the threshold left out by the caps, and the frontier's tokens.
+    cascade_docs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cascade_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cascade_agreed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cascade_capped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cascade_tokens_in: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cascade_tokens_out: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Result(Base):
@@ -220,6 +229,13 @@ class Result(Base):
     tokens_out: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    # Cascade: the first route's answer when the frontier's replaced it, and why an escalation
+    # failed when the first answer stands.
+    first_label: Mapped[str | None] = mapped_column(Text)
+    first_confidence: Mapped[float | None] = mapped_column(Float)
+    first_route: Mapped[str | None] = mapped_column(String(8))
+    first_model: Mapped[str | None] = mapped_column(String(100))
+    escalation_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Worker(Base):

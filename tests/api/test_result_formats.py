@@ -56,7 +56,17 @@ def _expected(jsonl: Path) -> list[tuple[Any, ...]]:
         line = json.loads(text)
         dist = line.get("distribution") or {}
         base = [line[c] for c in ("id", "label", "confidence", "route", "model", "revision")]
-        rows.append((*base, line["error"], *(dist.get(label) for label in LABELS)))
+        first = line.get("first") or {}
+        cascade = [first.get(c) for c in ("label", "confidence", "route", "model")]
+        rows.append(
+            (
+                *base,
+                line["error"],
+                *cascade,
+                line.get("escalation_error"),
+                *(dist.get(label) for label in LABELS),
+            )
+        )
     return rows
 
 
@@ -91,6 +101,13 @@ def test_csv_and_parquet_read_back_equal_to_jsonl(
     expected = _expected(paths["jsonl"])
     assert len(expected) == DOCS
     assert sum(1 for row in expected if row[6] is not None) == len(range(0, DOCS, 17))
+    # A cascade's first answers and escalation errors are columns of their own.
+    escalated = [n for n in range(DOCS) if n % 13 == 0 and n % 17]
+    assert [row[0] for row in expected if row[7] is not None] == [f"doc-{n}" for n in escalated]
+    assert all(row[9] == "gpu" for row in expected if row[7] is not None)
+    assert sum(1 for row in expected if row[11] is not None) == sum(
+        1 for n in range(DOCS) if n % 19 == 0 and n % 13 and n % 17
+    )
 
     # Then pandas and DuckDB read both files back as the JSONL says, in input order
     csv = pd.read_csv(paths["csv"], dtype={"id": str, "label": str, "error": str})
@@ -168,6 +185,9 @@ def test_lines_skipped_at_submission_are_failed_rows_in_every_format(
     job_id = make_job(sessions, sizes=(3,), rejected=(bad,), tenant=tenant)
     rows = list(client.results(str(job_id), format="csv"))
     assert rows[0] == ",".join(COLUMNS)
-    assert rows[1] == 'line-2,,,,tiny,tiny-seed0,"invalid_document: line 2, field text: empty",,'
+    # (five empty cascade columns, then the two labels' empty probabilities)
+    assert rows[1] == (
+        'line-2,,,,tiny,tiny-seed0,"invalid_document: line 2, field text: empty",,,,,,,'
+    )
     with sessions.begin() as session:  # nothing left running for later tests
         session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))

@@ -231,9 +231,11 @@ def test_spill_route_under_managed_api_faults(fault_stack: FaultStack, size: Siz
         marks = {
             i: ("GARBLE" if n % 2 else "OFFSCRIPT") for n, i in enumerate(range(40, size.docs, 97))
         }
-        job_id, ids = fault_stack.submit(
-            size.docs, seed=8, marks=marks, options={"model": SPILL_ONLY, "spill": "always"}
-        )
+        # With a cascade on: its frontier is the managed API the shards already run on, so
+        # nothing is asked twice (test_cascade_under_managed_api_faults… escalates GPU work).
+        cascade = json.dumps({"below": 0.99, "model": "spill"})
+        options = {"model": SPILL_ONLY, "spill": "always", "cascade": cascade}
+        job_id, ids = fault_stack.submit(size.docs, seed=8, marks=marks, options=options)
         # When the spill worker is killed once mid-run, with the faults still coming
         fault_stack.wait_progress(job_id, size.docs // 3)
         spill.kill9()
@@ -262,6 +264,7 @@ def test_spill_route_under_managed_api_faults(fault_stack: FaultStack, size: Siz
     # Then every document went the spill route and has one result; out-of-set answers are
     # per-document errors (asked twice), not lost and not a failed shard.
     assert collections.Counter(r["route"] for r in results) == {"spill": size.docs}
+    assert not any("first" in r or "escalation_error" in r for r in results)
     assert set(failed) == {f"f8-{i:06d}" for i in marks}
     assert all(e.startswith("answer_not_a_label") for e in failed.values()), failed
     job = fault_stack.client.job(str(job_id))
@@ -286,3 +289,55 @@ def test_spill_route_under_managed_api_faults(fault_stack: FaultStack, size: Siz
         if c.fault == "rate_limit" and c.finished - c.arrived < prompt:
             again = [t for t in asked[c.document] if t > c.arrived]
             assert not again or min(again) >= c.finished + SPILL_FAULTS["retry_after"] - 0.05
+
+
+def test_cascade_under_managed_api_faults_and_a_killed_gpu_worker(
+    fault_stack: FaultStack, size: Size
+) -> None:
+    started = time.monotonic()
+    fault_stack.standin.set_faults(**SPILL_FAULTS)
+    try:
+        # Given a job on the GPU worker's tiny model whose least confident half is asked again
+        # on the managed API, while that API keeps failing in every way; every 97th document's
+        # answer is no label (garbage or out of set)
+        marks = {
+            i: ("GARBLE" if n % 2 else "OFFSCRIPT") for n, i in enumerate(range(40, size.docs, 97))
+        }
+        cascade = {"below": 0.99, "model": "spill", "max_share": 0.5}
+        job_id, ids = fault_stack.submit(
+            size.docs, seed=9, marks=marks, options={"cascade": json.dumps(cascade)}
+        )
+        # When the GPU worker is killed once mid-run (escalations in flight with it)
+        fault_stack.wait_progress(job_id, size.docs // 3)
+        before = fault_stack.worker.restarts
+        fault_stack.worker.kill9()
+        wait_until(
+            lambda: fault_stack.worker.restarts > before, timeout=30, what="worker restarted"
+        )
+        fault_stack.wait_worker_ready()
+        fault_stack.wait_completed(job_id)
+        calls = fault_stack.standin.calls()
+    finally:
+        fault_stack.standin.set_faults()
+    name = "cascade: managed-API faults + kill -9 of the GPU worker"
+    _verify(fault_stack, name, {job_id: ids}, started=started, kills=1, api_calls=len(calls))
+    # Then every document has one successful result: the frontier's answer with the first kept,
+    # or its first answer with the escalation's failure recorded
+    results = list(fault_stack.client.results(str(job_id)))
+    assert len(results) == size.docs
+    assert all(r["error"] is None for r in results)
+    escalated = [r for r in results if "first" in r]
+    unlucky = [r for r in results if "escalation_error" in r]
+    assert all(r["route"] == "spill" and r["first"]["route"] == "gpu" for r in escalated)
+    assert all(r["route"] == "gpu" for r in unlucky)
+    job = fault_stack.client.job(str(job_id))
+    REPORT[name].update(escalated=len(escalated) + len(unlucky), escalation_failed=len(unlucky))
+    assert job["cascade"]["escalated"] == len(escalated) + len(unlucky)
+    assert job["cascade"]["failed"] == len(unlucky)
+    # at most half of each shard, and the marked documents that were asked failed as data
+    assert len(escalated) + len(unlucky) <= size.docs // 2
+    assert len(escalated) > len(unlucky)
+    marked = {f"f9-{i:06d}" for i in marks}
+    assert all(r["id"] not in marked for r in escalated)
+    assert all("answer_not_a_label" in r["escalation_error"] for r in unlucky if r["id"] in marked)
+    assert job["spend"]["spill"]["docs"] == len(escalated) + len(unlucky)
