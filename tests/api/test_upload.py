@@ -11,8 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Job, Shard
+from postroom.deletion import purge_job
 from postroom.domain import ShardState
 from postroom.keys import result_shard_key
+from postroom.settings import Settings
 from postroom.storage import Storage
 from postroom_cli.client import Client
 from tests.helpers import LABELS, make_docs, wait_for_status
@@ -163,7 +165,7 @@ def test_shards_run_while_the_upload_still_streams(
 
 
 def test_an_early_started_upload_refused_at_its_end_leaves_no_job(
-    client: Client, sessions: sessionmaker[Session]
+    client: Client, sessions: sessionmaker[Session], storage: Storage, settings: Settings
 ) -> None:
     docs = [*make_docs(400, prefix="late-bad"), {"id": "x", "text": ""}]
     seen: list[Job] = []
@@ -185,3 +187,19 @@ def test_an_early_started_upload_refused_at_its_end_leaves_no_job(
     with sessions() as session:
         row = session.get_one(Job, job_id)
         assert (row.status, row.deleted_at is not None) == ("cancelled", True)
+
+    # The purge (the beat's) then removes its rows and every object it wrote, once no worker
+    # still holds one of its shards.
+    def purged() -> bool:
+        purge_job(
+            sessions,
+            storage,
+            job_id=job_id,
+            batch_rows=settings.delete_batch_rows,
+            inbox_prefix=settings.inbox_prefix,
+        )
+        with sessions() as session:
+            return session.get(Job, job_id) is None
+
+    wait_until(purged, timeout=60, what="the withdrawn job purged")
+    assert storage.list_page(f"inputs/{job_id}/")[0] == []

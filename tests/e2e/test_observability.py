@@ -187,7 +187,7 @@ def test_metrics_move_during_a_job(
     # And beat serves the reaper's and the router's counters
     beat = scrape(beat_metrics)
     actions = {labels["action"] for labels in labelsets(beat, "postroom_reaper_actions_total")}
-    assert actions == {"expired", "republished", "rewritten", "trimmed"}
+    assert actions == {"expired", "republished", "rewritten", "trimmed", "withdrawn"}
 
 
 def test_flower_shows_shard_tasks_by_job_and_shard(

@@ -107,7 +107,12 @@ def test_several_shards_share_the_engine(
 ) -> None:
     # The engine adapter records how many distinct shards had documents in the engine at once.
     stats = worker_stats(sessions)
-    seen = max(s["engines"]["tiny"]["max_shards_in_flight"] for s in stats if s.get("engines"))
+    # Other tests' workers (other aliases) report in the same table: only the tiny engines count.
+    seen = max(
+        s["engines"]["tiny"]["max_shards_in_flight"]
+        for s in stats
+        if "tiny" in (s.get("engines") or {})
+    )
     assert seen >= 4, stats
 
 

@@ -188,9 +188,19 @@ class GpuStack:
         directory = self.work / "redis"
         self.cpu_gone["redis"] = self.cpu()["redis"]
         pid = int((directory / "valkey.pid").read_text().strip())
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        # A snapshot child (BGSAVE, `--save 60 1`) inherits the listening socket: killed with its
+        # parent, or the port would still answer and the server come back on another one, which
+        # the running processes never learn.
+        procs: list[psutil.Process] = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent = psutil.Process(pid)
+            procs = [parent, *parent.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         wait_until(lambda: not embedded.alive(pid), timeout=30, what="valkey gone")
+        port = self.redis.port
+        wait_until(lambda: not embedded.answers(port, timeout=0.2), timeout=30, what="port free")
         for name in ("dump.rdb", "valkey.pid"):
             (directory / name).unlink(missing_ok=True)
         self.redis = embedded.start_redis(directory)
