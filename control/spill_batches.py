@@ -135,6 +135,7 @@ def _collect(
             revision=spec.revision,
             results=[(int(d["line"]), r) for d, r in zip(docs, results, strict=True)],
             job_created_at=order.created_at,
+            part=order.part,
         )
         won = finish_shard(
             session=session,
