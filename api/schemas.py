@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from postroom.domain import Label
+from postroom.job_options import JobOptions
 from postroom.jobs import JobCounts
-from postroom.submit import JobOptions
 
 
 class JobCreate(JobOptions):

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from postroom.errors import InvalidInput, UnsupportedMediaType
+from postroom.job_options import JobOptions
 from postroom.jsonsafe import show
-from postroom.submit import JobOptions
 
 GZIP_ENCODINGS = frozenset({"gzip", "x-gzip"})
 GZIP_TYPES = frozenset({"application/gzip", "application/x-gzip"})

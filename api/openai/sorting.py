@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 from api.openai.output import ErrorLines
 from api.openai.requests import LineError, Request, Task, decode_line, parse_request
 from postroom.errors import InvalidInput
+from postroom.job_options import JobOptions
 from postroom.keys import batch_public_id
 from postroom.settings import Settings
-from postroom.submit import JobOptions, Submission
+from postroom.submit import Submission
 
 # A file of one bad task refuses it once, not once per line; at most this many are remembered.
 MAX_REFUSED_TASKS = 100

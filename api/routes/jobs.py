@@ -27,6 +27,7 @@ from api.uploads import body_source, upload_options
 from postroom.db.models import Job
 from postroom.deletion import mark_deleted, purge_job
 from postroom.errors import InvalidInput, PayloadTooLarge, Unavailable
+from postroom.job_options import JobOptions
 from postroom.jobs import cancel_job, find_job
 from postroom.keys import body_hash
 from postroom.queue import Celery
@@ -34,7 +35,7 @@ from postroom.result_formats import MEDIA_TYPES, encode_results
 from postroom.results import iter_result_lines
 from postroom.settings import Settings
 from postroom.storage import Storage, StorageError
-from postroom.submit import JobOptions, Submission
+from postroom.submit import Submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = error_responses(401, 404, 408, 409, 413, 415, 422, 503)

@@ -27,10 +27,11 @@ from control.inbox.rows import extend_lease, link_job, mark_failed, mark_ingeste
 from postroom.db.inbox_models import InboxObject
 from postroom.errors import InvalidDocuments, InvalidInput, PostroomError, UnknownModel
 from postroom.intake import Intake
+from postroom.job_options import JobOptions
 from postroom.keys import inbox_job_file_key, outbox_results_key
 from postroom.lines import StreamLimits
 from postroom.storage import NoSuchObject, ObjectChanged, S3Object, StorageError
-from postroom.submit import JobOptions, Submission
+from postroom.submit import Submission
 from postroom.tenants import ensure_tenant
 
 logger = logging.getLogger(__name__)

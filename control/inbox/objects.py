@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from postroom.db.inbox_models import InboxObject
 from postroom.errors import InvalidInput
+from postroom.job_options import JobOptions
 from postroom.keys import drop_area, inbox_object_id
 from postroom.settings import Settings
-from postroom.submit import JobOptions
 
 JOB_FILE = "job.json"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz")

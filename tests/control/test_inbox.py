@@ -33,12 +33,12 @@ from control.inbox.rows import claim_new
 from control.reaper import reap
 from postroom.db.inbox_models import InboxObject
 from postroom.db.models import Job, Shard
+from postroom.job_options import JobOptions, prepare_spec
 from postroom.jobs import cancel_job
 from postroom.keys import drop_area, drop_key, input_shard_key
 from postroom.queue import make_celery
 from postroom.settings import Settings
 from postroom.storage import Storage
-from postroom.submit import JobOptions, prepare_spec
 from postroom_cli.local import free_port, postroom_command, spawn, stop
 from tests.helpers import LABELS, make_docs
 from tests.waiting import wait_until

@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.db.models import Job, Worker
 from postroom.errors import InvalidDocuments
+from postroom.job_options import JobOptions
 from postroom.keys import input_shard_key, rejected_lines_key
 from postroom.partitions import job_partition_name
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
 from postroom.storage import Storage
-from postroom.submit import JobOptions, Submission
+from postroom.submit import Submission
 from postroom.tenants import ensure_tenant
 from postroom.tokens import load
 
