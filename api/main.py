@@ -21,7 +21,8 @@ from postroom.db.session import make_engine, make_sessionmaker
 from postroom.errors import InvalidInput, PayloadTooLarge, PostroomError, RequestTimeout
 from postroom.jsonsafe import show
 from postroom.logs import bound, configure_logging
-from postroom.metrics import HTTP_REQUESTS, HTTP_SECONDS, PostgresCollector
+from postroom.metrics import HTTP_REQUESTS, HTTP_SECONDS
+from postroom.postgres_metrics import PostgresCollector
 from postroom.queue import make_celery
 from postroom.settings import Settings, get_settings
 from postroom.storage import Storage

@@ -22,7 +22,8 @@ from postroom.domain import JOB_ACTIVE, SPILL_ROUTES, JobSpec, JobStatus, ShardS
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.partitions import ensure_job_partition, insert_routed, results_part
-from postroom.shards import EARLY_SHARD_BASE, add_shards, cancel_unclaimed, complete_job_if_done
+from postroom.shard_numbers import EARLY_SHARD_BASE
+from postroom.shards import add_shards, cancel_unclaimed, complete_job_if_done
 from postroom.webhooks import enqueue_job_event
 
 logger = logging.getLogger(__name__)

@@ -17,27 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from postroom.costs import estimate
 from postroom.db.models import Job
-from postroom.deletion import mark_deleted
 from postroom.domain import (
     QUEUE_SPILL,
     JobSpec,
     OnInvalid,
 )
-from postroom.errors import IdempotencyKeyReused, InvalidDocuments, PayloadTooLarge
+from postroom.early_start import EarlyStart
+from postroom.errors import IdempotencyKeyReused, InvalidDocuments
 from postroom.intake import Intake
 from postroom.job_options import JobOptions, prepare_spec
-from postroom.jobs import NewJob, add_received_shards, create_job, seal_received_job
+from postroom.jobs import NewJob, create_job, seal_received_job
 from postroom.keys import rejected_lines_key
 from postroom.lines import LineStream, StreamLimits
 from postroom.prompts import instructions_text
@@ -45,14 +44,13 @@ from postroom.queue import Celery, gpu_queue, publish_job
 from postroom.quotas import admit_job
 from postroom.settings import Settings
 from postroom.shard_writer import ShardWriter
-from postroom.shards import EARLY_SHARD_BASE, early_start_fits
 from postroom.storage import Storage
 from postroom.webhook_targets import check_webhook_url
 
 logger = logging.getLogger(__name__)
 
 
-class Submission:
+class Submission(EarlyStart):
     """One job on its way in; see the module docstring for the order of the steps."""
 
     def __init__(
@@ -80,17 +78,8 @@ class Submission:
         self.job: Job | None = None
         self.created = False
         self._stream: LineStream | None = None
-        # Early start (start_early): where to record shards while the upload streams, and how
-        # many root shards are recorded so far.
-        self._early: tuple[sessionmaker[Session], Celery, uuid.UUID] | None = None
-        self._sessions: sessionmaker[Session] | None = None
-        self.early_shards = 0
-        self.received_early = False  # the job row exists, `validating`, since the first shard
-        self._closing = False  # record() began: the shard writer publishes no more
         self._sealed = False  # committed and published: a later error withdraws nothing
-        self._lock = threading.Lock()  # early publishing (writer threads) vs sealing
-        self._body_bytes: int | None = None
-        self._fed_bytes = 0
+        self._init_early()
 
     @classmethod
     def start(
@@ -144,99 +133,6 @@ class Submission:
 
     def drain(self) -> None:
         self.writer.drain()
-
-    # -- early start: shards run while the upload streams
-
-    def start_early(
-        self,
-        *,
-        sessions: sessionmaker[Session],
-        celery: Celery,
-        tenant_id: uuid.UUID,
-        body_bytes: int | None = None,
-    ) -> bool:
-        """Run shards while the upload streams: each shard is recorded and announced as soon as
-        it is in S3 (on the shard writer's thread), the first one with the job, `validating`.
-        Off when POSTROOM_UPLOAD_EARLY_START is false or split parts' numbers could overflow;
-        the caller keeps requests with an Idempotency-Key on the plain path (a repeat must not
-        run twice). `body_bytes` (the request's Content-Length) lets the job's size be foreseen
-        from its first shards: a job heading past POSTROOM_RESULTS_OWN_PARTITION_DOCS gets its
-        results partition of its own; without it the job shares the day's."""
-        self._body_bytes = body_bytes
-        fits = early_start_fits(
-            shard_size=self.settings.shard_size, fanout=self.settings.split_fanout
-        )
-        if self.settings.upload_early_start and fits:
-            self._early = (sessions, celery, tenant_id)
-            self._sessions = sessions
-            self.writer.on_landed = self.publish_landed
-        return self._early is not None
-
-    @property
-    def early(self) -> bool:
-        return self._early is not None
-
-    def publish_landed(self) -> int:
-        """Record the shards that reached S3 since the last call and ring their doorbells (the
-        first call records the job). Nothing once a line is bad under on_invalid=reject (the job
-        will be refused), after the job was cancelled, or after a failure here (raised: it fails
-        the shard write, so the upload is refused at its end and the job withdrawn). Returns how
-        many shards were published."""
-        with self._lock:
-            if self._early is None or self._closing:
-                return 0
-            try:
-                return self._publish_landed(*self._early)
-            except BaseException:
-                self._early = None
-                raise
-
-    def _publish_landed(
-        self, sessions: sessionmaker[Session], celery: Celery, tenant_id: uuid.UUID
-    ) -> int:
-        ready = self.writer.landed
-        if ready <= self.early_shards:
-            return 0
-        if self.intake.rejected_count and self.on_invalid == "reject":
-            return 0
-        if ready > EARLY_SHARD_BASE:
-            raise PayloadTooLarge(
-                f"more than {EARLY_SHARD_BASE * self.settings.shard_size:,} documents in one "
-                "upload; split it into several jobs",
-                details=[{"field": "documents"}],
-            )
-        sizes = self.writer.sizes[self.early_shards : ready]
-        with sessions() as session:
-            self._admit(session=session, tenant_id=tenant_id, docs=sum(sizes))
-            if self.job is None:
-                new = self._new_job(tenant_id, None, None, expected_docs=self._foreseen_docs())
-                self.job = create_job(session=session, new=new, receiving=True)
-                self.received_early = True
-            added = add_received_shards(
-                session=session,
-                job_id=self.job_id,
-                first=self.early_shards,
-                sizes=sizes,
-                queue=self._queue(),
-            )
-            session.commit()
-            if not added:  # cancelled or deleted while it streamed: the rest is not run
-                self._early = None
-                return 0
-            self.early_shards = ready
-            published = publish_job(session=session, celery=celery, job_id=self.job_id)
-            session.commit()
-        return published
-
-    def _withdraw(self) -> None:
-        """The upload of an early-started job failed: delete the job (404 from now on; the
-        beat's purge removes its rows and S3 objects) and what this submission wrote."""
-        assert self._sessions is not None
-        with self._sessions() as session:
-            mark_deleted(session=session, tenant_id=None, job_id=self.job_id)
-            session.commit()
-        logger.info("job %s withdrawn: its upload failed after shards started", self.job_id)
-        self.writer.discard()
 
     # -- sealing, recording, publishing
 
@@ -343,13 +239,6 @@ class Submission:
         assert self.options is not None
         assert self.spec is not None
         return QUEUE_SPILL if self.options.spill == "always" else gpu_queue(self.spec.model)
-
-    def _foreseen_docs(self) -> int:
-        """The documents the whole upload will hold, judged from its bytes so far; 0 when its
-        length is not declared (a chunked body)."""
-        if not self._body_bytes or not self._fed_bytes:
-            return 0
-        return int(self.intake.accepted * self._body_bytes / self._fed_bytes)
 
     def _new_job(
         self,

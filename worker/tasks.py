@@ -28,9 +28,9 @@ from postroom.metrics import SHARDS, observe_shard
 from postroom.policy import ClaimContended, claim_best
 from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task, publish_and_record
 from postroom.results import result_line, upsert_results
+from postroom.shard_numbers import child_shard_nos
 from postroom.shards import (
     Claimed,
-    child_shard_nos,
     claim_shard,
     finish_shard,
     mark_results_written,
@@ -41,6 +41,7 @@ from postroom.storage import StorageError
 from worker.batch_spill import submit_batch, wants_batch
 from worker.cascade import CascadeOutcome, escalate
 from worker.classifier import ModelNotHosted
+from worker.label_check import check_labels
 from worker.runtime import Runtime, get_runtime
 from worker.spill import SpillUnavailable
 
@@ -389,22 +390,3 @@ def split_poison_shard(
         created,
     )
     return {"claimed": True, "split": created}
-
-
-OFF_LABEL = "the answer was not one of the job's labels; the document was not labelled"
-
-
-def check_labels(spec: JobSpec, results: list[DocResult]) -> list[DocResult]:
-    """The server-side re-check before anything is stored, whatever the engine or the managed
-    API answered (documents are data, and decoding is constrained, but this does not trust
-    that): a label outside the job's label set becomes a per-document error, never a label."""
-    allowed = {label.name for label in spec.labels}
-    return [
-        r
-        if (r.label is None or r.label in allowed)
-        and (r.distribution is None or set(r.distribution) <= allowed)
-        else r.model_copy(
-            update={"label": None, "confidence": None, "distribution": None, "error": OFF_LABEL}
-        )
-        for r in results
-    ]

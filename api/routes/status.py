@@ -21,7 +21,7 @@ from api.routes.jobs import ERRORS
 from api.schemas import JobPublic
 from postroom.db.models import Job, Shard, Worker
 from postroom.domain import JOB_ACTIVE, ShardState
-from postroom.metrics import documents_by_route, queue_depths, shard_queues, spill_ratio
+from postroom.postgres_metrics import documents_by_route, queue_depths, shard_queues, spill_ratio
 
 router = APIRouter(prefix="/v1/status", tags=["status"])
 

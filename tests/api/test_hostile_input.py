@@ -30,7 +30,7 @@ from postroom_cli.client import Client
 from postroom_cli.local import free_port, http_ok, postroom_command, spawn, stop
 from tests.helpers import LABELS, make_docs, wait_for_status
 from tests.waiting import wait_until
-from worker.tasks import OFF_LABEL, check_labels
+from worker.label_check import OFF_LABEL, check_labels
 
 # Jobs are refused for a model no worker serves, so the worker runs (it also runs the jobs).
 pytestmark = pytest.mark.usefixtures("worker")

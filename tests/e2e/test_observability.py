@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import postroom.metrics
+import postroom.postgres_metrics
 from postroom.settings import Settings
 from postroom_cli.client import Client
 from postroom_cli.local import free_port, http_ok, postroom_command, spawn, stop
@@ -308,7 +309,7 @@ def exported_names() -> set[str]:
     families = [
         *REGISTRY.collect(),
         *postroom.metrics.WorkerCollector().describe(),
-        *postroom.metrics.PostgresCollector().describe(),
+        *postroom.postgres_metrics.PostgresCollector().describe(),
     ]
     suffixes = {
         "counter": ("_total", "_created"),

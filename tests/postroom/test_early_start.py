@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from postroom.db.models import Job
 from postroom.deletion import withdraw_abandoned_uploads
 from postroom.jobs import NewJob, add_received_shards, cancel_job, root_shards, seal_received_job
-from postroom.shards import EARLY_SHARD_BASE, child_shard_nos, early_start_fits
+from postroom.shard_numbers import EARLY_SHARD_BASE, child_shard_nos, early_start_fits
 from tests.postroom.jobrows import SPEC, claim, finish, job_status, make_job
 
 pytestmark = pytest.mark.usefixtures("stop_jobs_made_here")

@@ -9,9 +9,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from postroom.backlog import shards_to_republish, unpublished_shards
 from postroom.domain import QUEUE_SPILL, ShardState
+from postroom.shard_numbers import child_shard_nos
 from postroom.shards import (
     Claimed,
-    child_shard_nos,
     expire_leases,
     extend_leases,
     mark_published,
