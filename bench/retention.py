@@ -14,10 +14,11 @@ CONCURRENTLY and dropped; (a') the same for the biggest job that shares today's 
 (POSTROOM_RESULTS_OWN_PARTITION_DOCS - 1 documents; its rows deleted in batches of
 POSTROOM_DELETE_BATCH_ROWS, each its own transaction); (b) retention of a job created 40 days
 ago: its day partition detached CONCURRENTLY and dropped, then the beat's purge of its objects,
-shards and job row. The writer (its own process) is measured solo before,
-between and after; each case is compared with the solo windows either side of it, its rate
-taken over a window as long as a solo one from its start. Prints a
-table and writes bench/results/retention.json.
+shards and job row. The writer (its own process) is measured solo before, between and after
+every case; each case is compared with the solo windows either side of it, its rate taken over a
+window as long as a solo one from its start. `--repeats` whole passes (3 by default), each on a
+fresh database; the table gives each case's median. Prints a table and writes
+bench/results/retention.json.
 """
 
 from __future__ import annotations
@@ -259,11 +260,11 @@ def solo(writer: Writer, seconds: float) -> float:
     return writer.rate(start, time.monotonic())
 
 
-def main() -> None:
-    parser = bench_parser(__doc__ or "")
-    parser.add_argument("--docs", type=int, default=1_000_000)
-    parser.add_argument("--solo-seconds", type=float, default=20.0)
-    args = parse_bench_args(parser, "retention")
+Case = tuple[str, float, float, float]  # name, seconds, other job's rows/s, solo either side
+
+
+def run_once(docs: int, solo_seconds: float) -> tuple[list[Case], list[float], int]:
+    """One pass over a fresh database: the cases and the solo windows."""
     name = f"postroom_bench_retention_{secrets.token_hex(3)}"
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     migrate(url)
@@ -281,20 +282,20 @@ def main() -> None:
     storage.ensure_bucket()
     engine = make_engine(settings)
     sessions = make_sessionmaker(engine)
-    shared_docs = min(args.docs, settings.results_own_partition_docs - 1)
+    shared_docs = min(docs, settings.results_own_partition_docs - 1)
     try:
         t0 = time.monotonic()
-        today = fill_job(sessions, storage, docs=args.docs, days_ago=0, own_partition=True)
+        today = fill_job(sessions, storage, docs=docs, days_ago=0, own_partition=True)
         today_shared = fill_job(
             sessions, storage, docs=shared_docs, days_ago=0, own_partition=False
         )
-        old = fill_job(sessions, storage, docs=args.docs, days_ago=40, own_partition=True)
+        old = fill_job(sessions, storage, docs=docs, days_ago=40, own_partition=True)
         fill = time.monotonic() - t0
-        print(f"filled jobs of {args.docs:,}, {shared_docs:,} and {args.docs:,} in {fill:.0f}s")
+        print(f"filled jobs of {docs:,}, {shared_docs:,} and {docs:,} in {fill:.0f}s")
         writer = Writer(url)
         writer.start()
         solo(writer, 5.0)  # warm-up: connections, first job
-        solos = [solo(writer, args.solo_seconds)]
+        solos = [solo(writer, solo_seconds)]
 
         def delete(job_id: uuid.UUID, *, own: bool, rows: int) -> None:
             with sessions.begin() as session:
@@ -306,15 +307,15 @@ def main() -> None:
             assert (report.partition_dropped, report.rows) == (own, 0 if own else rows), report
 
         delete_secs, delete_rate = timed(
-            writer, lambda: delete(today, own=True, rows=args.docs), args.solo_seconds
+            writer, lambda: delete(today, own=True, rows=docs), solo_seconds
         )
-        solos.append(solo(writer, args.solo_seconds))
+        solos.append(solo(writer, solo_seconds))
         shared_secs, shared_rate = timed(
             writer,
             lambda: delete(today_shared, own=False, rows=shared_docs),
-            args.solo_seconds,
+            solo_seconds,
         )
-        solos.append(solo(writer, args.solo_seconds))
+        solos.append(solo(writer, solo_seconds))
 
         def drop_old_day() -> None:
             assert drop_partitions_past_retention(engine, retention_days=30) == 1
@@ -323,9 +324,10 @@ def main() -> None:
             tick = purge_tick(sessions=sessions, storage=storage, settings=settings)
             assert tick.purged >= 1, tick
 
-        drop_secs, drop_rate = timed(writer, drop_old_day, args.solo_seconds)
-        purge_secs, purge_rate = timed(writer, purge_old, args.solo_seconds)
-        solos.append(solo(writer, args.solo_seconds))
+        drop_secs, drop_rate = timed(writer, drop_old_day, solo_seconds)
+        solos.append(solo(writer, solo_seconds))
+        purge_secs, purge_rate = timed(writer, purge_old, solo_seconds)
+        solos.append(solo(writer, solo_seconds))
         writer.finish()
         with sessions() as session:
             jobs = {"a": today, "b": today_shared, "c": old}
@@ -345,22 +347,47 @@ def main() -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     # Each case against the mean of the solo windows either side of it: the load of a shared
     # machine drifts over minutes.
-    rows = [
-        (f"DELETE {args.docs:,} (own partition)", delete_secs, delete_rate, mean(solos[0:2])),
+    cases = [
+        (f"DELETE {docs:,} (own partition)", delete_secs, delete_rate, mean(solos[0:2])),
         (f"DELETE {shared_docs:,} (shared, rows)", shared_secs, shared_rate, mean(solos[1:3])),
         ("retention: day partition dropped", drop_secs, drop_rate, mean(solos[2:4])),
-        ("retention: then objects, shards, job", purge_secs, purge_rate, mean(solos[2:4])),
+        ("retention: then objects, shards, job", purge_secs, purge_rate, mean(solos[3:5])),
     ]
-    base = statistics.mean(solos)
+    return cases, solos, shared_docs
+
+
+def main() -> None:
+    parser = bench_parser(__doc__ or "")
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--solo-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="whole passes, each on a fresh database; the table gives each case's median ratio "
+        "(one pass's solo windows alone vary by ±10%% on a 2-core machine)",
+    )
+    args = parse_bench_args(parser, "retention")
+    passes = [run_once(args.docs, args.solo_seconds) for _ in range(args.repeats)]
+    shared_docs = passes[0][2]
+    names = [case[0] for case in passes[0][0]]
+    ratios = {
+        n: [case[2] / case[3] for cases, _, _ in passes for case in cases if case[0] == n]
+        for n in names
+    }
+    seconds = {
+        n: [case[1] for cases, _, _ in passes for case in cases if case[0] == n] for n in names
+    }
     print_table(
-        f"{'case':<38} {'time':>8} {'other job rows/s':>17} {'solo either side':>17} {'ratio':>6}",
+        f"{'case':<38} {'time (median)':>13} {'ratio to solo (median)':>23}  every pass",
         [
-            f"{case:<38} {secs:>7.1f}s {rate:>17,.0f} {near:>17,.0f} {rate / near:>6.2f}"
-            for case, secs, rate, near in rows
+            f"{n:<38} {statistics.median(seconds[n]):>12.1f}s "
+            f"{statistics.median(ratios[n]):>23.2f}  {' '.join(f'{r:.2f}' for r in ratios[n])}"
+            for n in names
         ]
         + [
-            f"{'solo (before, between…, after)':<38} {'':>8} {base:>17,.0f} "
-            f"{' / '.join(f'{s:,.0f}' for s in solos)}"
+            f"{'solo rows/s, pass ' + str(i + 1):<38} " + " / ".join(f"{s:,.0f}" for s in solos)
+            for i, (_, solos, _) in enumerate(passes)
         ],
     )
     write_results(
@@ -368,16 +395,31 @@ def main() -> None:
         {
             "docs": args.docs,
             "shared_docs": shared_docs,
-            "solo_rows_per_second": solos,
+            "repeats": args.repeats,
             "cases": [
                 {
-                    "case": case,
-                    "seconds": round(secs, 2),
-                    "other_rows_per_second": round(rate),
-                    "solo_either_side_rows_per_second": round(near),
-                    "vs_solo": round(rate / near, 3),
+                    "case": n,
+                    "seconds_median": round(statistics.median(seconds[n]), 2),
+                    "vs_solo_median": round(statistics.median(ratios[n]), 3),
+                    "vs_solo_each": [round(r, 3) for r in ratios[n]],
                 }
-                for case, secs, rate, near in rows
+                for n in names
+            ],
+            "passes": [
+                {
+                    "solo_rows_per_second": [round(s) for s in solos],
+                    "cases": [
+                        {
+                            "case": case,
+                            "seconds": round(secs, 2),
+                            "other_rows_per_second": round(rate),
+                            "solo_either_side_rows_per_second": round(near),
+                            "vs_solo": round(rate / near, 3),
+                        }
+                        for case, secs, rate, near in cases
+                    ],
+                }
+                for cases, solos, _ in passes
             ],
         },
     )
