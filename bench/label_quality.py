@@ -8,7 +8,9 @@ Rows per dataset and model alias:
 * ``names``: label names only, as a job sends them, with the deployment's defaults
   (``POSTROOM_EMBEDDING_LABEL_TEMPLATE``, centering); ``names + template T`` when ``--template``
   gives a job-level template;
-* ``5-shot``: the same names, each with the 5 held-out examples of ``NAME.5shot.labels.json``.
+* ``5-shot``: the same names, each with the 5 held-out examples of ``NAME.5shot.labels.json``;
+* generative aliases: ``names`` and ``5-shot`` again with contextual calibration (the model's
+  ``calibrate``: label probabilities divided by its answers to content-free documents).
 
     .venv/bin/python bench/label_quality.py                       # minilm, both datasets
     .venv/bin/python bench/label_quality.py --models minilm,smollm2 --limit 300
@@ -56,10 +58,12 @@ def main() -> None:
     from worker.classifier import EngineClassifier
     from worker.engine import EngineAdapter
     from worker.loop import LoopThread
+    from worker.runtime import prepare_models
 
     settings = get_settings()
     loop = LoopThread()
     rows: list[dict[str, Any]] = []
+    prepare_models(settings, args.models.split(","))  # smollm2: its checkpoint from the GGUF
     for alias in args.models.split(","):
         spec = settings.models[alias]
         engine = EngineAdapter(
@@ -69,8 +73,13 @@ def main() -> None:
         try:
 
             def classify(
-                labels: list[Label], template: str | None, docs: list[dict[str, Any]], center: int
+                labels: list[Label],
+                template: str | None,
+                docs: list[dict[str, Any]],
+                center: int,
+                calibrate: bool,
             ) -> tuple[float, float]:
+                engine.spec = spec.model_copy(update={"calibrate": calibrate})  # noqa: B023
                 classifier = EngineClassifier(
                     loop=loop,
                     engines={alias: engine},  # noqa: B023 - called within this iteration only
@@ -102,23 +111,30 @@ def main() -> None:
                 bare = [Label(name=n) for n in names]
                 few = [Label(**s) for s in shots]
                 default = settings.embedding_label_template
-                ways: list[tuple[str, list[Label], str | None, int]] = [
-                    ("names", bare, default, settings.embedding_center_min_docs),
-                    ("5-shot", few, default, settings.embedding_center_min_docs),
+                center = settings.embedding_center_min_docs
+                ways: list[tuple[str, list[Label], str | None, int, bool]] = [
+                    ("names", bare, default, center, spec.calibrate),
+                    ("5-shot", few, default, center, spec.calibrate),
                 ]
                 if spec.mode == "embedding":
-                    ways.insert(0, ("bare names", bare, None, 0))
+                    ways.insert(0, ("bare names", bare, None, 0, False))
                     ways.insert(
                         2,
                         (
                             f"names + template {TEMPLATES[name]!r}",
                             bare,
                             TEMPLATES[name],
-                            settings.embedding_center_min_docs,
+                            center,
+                            False,
                         ),
                     )
-                for way, labels, template, center in ways:
-                    acc, rate = classify(labels, template, docs, center)
+                elif not spec.calibrate:  # generative: with contextual calibration too
+                    ways += [
+                        ("names, calibrated", bare, default, center, True),
+                        ("5-shot, calibrated", few, default, center, True),
+                    ]
+                for way, labels, template, center, calibrate in ways:
+                    acc, rate = classify(labels, template, docs, center, calibrate)
                     rows.append(
                         {
                             "dataset": name,

@@ -41,6 +41,9 @@ class Layout:
     markers: tuple[str, ...] | None  # option markers when the names' first tokens collide
     doc_budget: int
     shared_first_tokens: tuple[tuple[str, ...], ...] = ()
+    # Contextual calibration (a model's `calibrate`): each label's probability for content-free
+    # documents; a document's label probabilities are divided by these, then renormalised.
+    calibration: tuple[float, ...] = ()
 
     def prompt(self, doc_ids: Sequence[int]) -> tuple[list[int], bool]:
         """The full prompt for a document's tokens; truncated to the budget (and says so)."""
@@ -133,6 +136,27 @@ def build_layout(
     )
 
 
+# Content-free documents for contextual calibration (Zhao et al. 2021, "Calibrate Before Use"):
+# what the model answers with no evidence is its bias towards each label.
+CONTENT_FREE = ("N/A", "", "[MASK]")
+CALIBRATION_FLOOR = 1e-4
+
+
+def calibration(layout: Layout, content_free: Sequence[dict[int, float]]) -> tuple[float, ...]:
+    """Each label's mean probability over the content-free documents' answer-token logprobs
+    (normalised over the labels, floored so that no label is divided by ~0)."""
+    sums = [0.0] * len(layout.answer_ids)
+    for logprobs in content_free:
+        probs = [math.exp(logprobs[t]) if t in logprobs else 0.0 for t in layout.answer_ids]
+        total = sum(probs)
+        if total and math.isfinite(total):
+            sums = [s + p / total for s, p in zip(sums, probs, strict=True)]
+    total = sum(sums)
+    if not total:
+        return ()
+    return tuple(max(s / total, CALIBRATION_FLOOR) for s in sums)
+
+
 def parse_scores(
     layout: Layout, logprobs: dict[int, float], *, doc_id: str, tokens_in: int, truncated: bool
 ) -> DocResult:
@@ -146,6 +170,9 @@ def parse_scores(
             tokens_in=tokens_in,
             truncated=truncated,
         )
+    if layout.calibration:
+        probs = [p / c for p, c in zip(probs, layout.calibration, strict=True)]
+        total = sum(probs)
     probs = [p / total for p in probs]
     best = max(range(len(probs)), key=probs.__getitem__)
     return DocResult(

@@ -43,6 +43,11 @@ class ModelSpec(BaseModel):
     tensor_parallel_size: PositiveInt = 1
     data_parallel_size: PositiveInt = 1
     engine_options: dict[str, Any] = Field(default_factory=dict)
+    calibrate: bool = Field(
+        default=False,
+        description="generative scoring: divide each label's probability by the one the model "
+        "gives it for content-free documents (contextual calibration), once per job",
+    )
 
 
 def _default_models() -> dict[str, ModelSpec]:

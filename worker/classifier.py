@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -22,9 +22,11 @@ import numpy as np
 from postroom.domain import DocResult, JobSpec
 from postroom.errors import EngineDeadError
 from postroom.prompts import (
+    CONTENT_FREE,
     Layout,
     LayoutError,
     build_layout,
+    calibration,
     label_texts,
     parse_choice,
     parse_scores,
@@ -246,7 +248,23 @@ class EngineClassifier:
             )
         except LayoutError as e:
             return _Prepared(layout_error=str(e))
+        if engine.spec.calibrate and spec.decoding == "score":
+            layout = self._calibrated(engine, layout, shard=f"{job_id}/calibration")
         return _Prepared(layout=layout)
+
+    def _calibrated(self, engine: EngineAdapter, layout: Layout, *, shard: str) -> Layout:
+        """The layout with the model's answers to content-free documents (once per job, in the
+        job's cached prefix: a few requests)."""
+        prompts = [layout.prompt(ids)[0] for ids in engine.encode_batch(list(CONTENT_FREE))]
+
+        async def score_all() -> list[dict[int, float]]:
+            outs = await asyncio.gather(
+                *(engine.score(p, layout.answer_ids, shard=shard) for p in prompts)
+            )
+            return [out.logprobs for out in outs]
+
+        content_free = self.loop.run(score_all(), timeout=self.timeout)
+        return replace(layout, calibration=calibration(layout, content_free))
 
     # -- on the loop
     async def _score_all(

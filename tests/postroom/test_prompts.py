@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ from transformers import AutoTokenizer
 
 from postroom.domain import Label
 from postroom.prompts import (
+    CALIBRATION_FLOOR,
     build_layout,
+    calibration,
     first_token_collisions,
     parse_choice,
     parse_scores,
@@ -99,3 +102,28 @@ def test_choice_cut_off_or_outside_the_set_is_an_error_not_a_label() -> None:
     assert odd.label is None
     assert odd.error is not None
     assert "answer_not_a_label" in odd.error
+
+
+def test_calibration_divides_out_the_bias_of_content_free_answers(tokenizer: Any) -> None:
+    layout = build_layout(
+        tokenizer,
+        labels=_labels("billing", "shipping"),
+        instructions="x",
+        doc_max_tokens=8,
+        max_model_len=1024,
+    )
+    a, b = layout.answer_ids
+    # With no evidence the model says "shipping" (0.9 of the mass): its bias.
+    cal = calibration(layout, [{a: -2.3, b: -0.1}, {a: -2.3, b: -0.1}])
+    assert cal == pytest.approx((0.0995, 0.9005), abs=1e-3)
+    raw = parse_scores(layout, {a: -1.0, b: -0.5}, doc_id="d", tokens_in=10, truncated=False)
+    assert raw.label == "shipping"
+    calibrated = replace(layout, calibration=cal)
+    result = parse_scores(calibrated, {a: -1.0, b: -0.5}, doc_id="d", tokens_in=10, truncated=False)
+    assert result.label == "billing"
+    assert result.distribution is not None
+    assert sum(result.distribution.values()) == pytest.approx(1, abs=1e-5)
+    # A label the content-free answers never gave is floored, not divided by zero.
+    floored = calibration(layout, [{b: -0.1}])
+    assert floored == (CALIBRATION_FLOOR, 1.0)
+    assert calibration(layout, [{}]) == ()

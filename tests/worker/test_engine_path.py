@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,51 @@ def test_chunked_classify_keeps_input_order(tiny_engine: tuple[EngineAdapter, Lo
     # the same prompts give the same answers however the shard was handed over
     assert [r.label for r in chunked] == [r.label for r in whole]
     assert [r.tokens_in for r in chunked] == [r.tokens_in for r in whole]
+
+
+@pytest.mark.timeout(300)
+def test_calibrated_scores_divide_out_the_content_free_answers(
+    tiny_engine: tuple[EngineAdapter, LoopThread],
+) -> None:
+    engine, loop = tiny_engine
+    settings = Settings()
+    plain_spec = engine.spec
+    labels = ["billing", "bug", "shipping"]
+    spec = JobSpec(
+        labels=[Label(name=n) for n in labels],
+        instructions=DEFAULT_INSTRUCTIONS,
+        mode="generative",
+        model="tiny",
+        revision="tiny-seed0",
+    )
+    docs = [{"id": f"d{i}", "text": f"{TEXTS[i % 4]} number {i}"} for i in range(12)]
+
+    def run(calibrate: bool) -> tuple[list[Any], Any]:
+        engine.spec = plain_spec.model_copy(update={"calibrate": calibrate})
+        classifier = EngineClassifier(
+            loop=loop,
+            engines={"tiny": engine},
+            doc_max_tokens=settings.doc_max_tokens,
+            choice_max_tokens=settings.choice_max_tokens,
+            embedding_temperature=settings.embedding_temperature,
+            timeout=120,
+        )
+        job_id = uuid.uuid4()
+        results = classifier.classify(job_id=job_id, spec=spec, shard=f"{job_id}/0", docs=docs)
+        return results, classifier._prepare(job_id, spec, engine).layout
+
+    try:
+        plain, plain_layout = run(False)
+        calibrated, layout = run(True)
+    finally:
+        engine.spec = plain_spec
+    assert plain_layout.calibration == ()
+    assert len(layout.calibration) == 3
+    assert sum(layout.calibration) == pytest.approx(1, abs=1e-6)
+    for raw, cal in zip(plain, calibrated, strict=True):
+        assert raw.distribution is not None
+        assert cal.distribution is not None
+        divided = [raw.distribution[n] / c for n, c in zip(labels, layout.calibration, strict=True)]
+        expected = [d / sum(divided) for d in divided]
+        assert [cal.distribution[n] for n in labels] == pytest.approx(expected, abs=1e-4)
+        assert cal.label == labels[max(range(3), key=expected.__getitem__)]
