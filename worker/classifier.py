@@ -36,6 +36,7 @@ from worker.engine import EngineAdapter
 from worker.loop import LoopThread
 
 _T = TypeVar("_T")
+_Prompt = tuple[list[int], bool]  # a request's token ids, and whether the document was cut
 
 
 class Classifier(Protocol):
@@ -154,8 +155,11 @@ class EngineClassifier:
                 part = docs[start : start + self.submit_chunk]
                 ids = [str(doc["id"]) for doc in part]
                 tokens = engine.encode_batch([str(doc["text"]) for doc in part])
+                # Prompts are built here too, so the event loop (one thread for the whole
+                # worker) only hands them to the engine.
+                prompts = [self._prompt(engine, prepared, spec, t) for t in tokens]
                 futures.append(
-                    self.loop.submit(self._chunk(engine, prepared, spec, shard, ids, tokens))
+                    self.loop.submit(self._chunk(engine, prepared, spec, shard, ids, prompts))
                 )
             results: list[DocResult | _Embedded] = []
             for future in futures:
@@ -196,14 +200,22 @@ class EngineClassifier:
         spec: JobSpec,
         shard: str,
         ids: list[str],
-        tokens: list[list[int]],
+        prompts: list[_Prompt],
     ) -> Coroutine[Any, Any, Sequence[DocResult | _Embedded]]:
         if spec.mode == "embedding":
-            return self._embed_all(engine, shard, ids, tokens)
+            return self._embed_all(engine, shard, ids, prompts)
         assert prepared.layout is not None
         if spec.decoding == "choice":
-            return self._choose_all(engine, prepared.layout, shard, ids, tokens)
-        return self._score_all(engine, prepared.layout, shard, ids, tokens)
+            return self._choose_all(engine, prepared.layout, shard, ids, prompts)
+        return self._score_all(engine, prepared.layout, shard, ids, prompts)
+
+    def _prompt(
+        self, engine: EngineAdapter, prepared: _Prepared, spec: JobSpec, doc_ids: list[int]
+    ) -> _Prompt:
+        if spec.mode == "embedding":
+            return self._embedding_input(engine, doc_ids)
+        assert prepared.layout is not None
+        return prepared.layout.prompt(doc_ids)
 
     # -- per job, once
     def _prepare(self, job_id: uuid.UUID, spec: JobSpec, engine: EngineAdapter) -> _Prepared:
@@ -273,16 +285,15 @@ class EngineClassifier:
         layout: Layout,
         shard: str,
         ids: list[str],
-        tokens: list[list[int]],
+        prompts: list[_Prompt],
     ) -> list[DocResult]:
-        async def one(doc_id: str, doc_ids: list[int]) -> DocResult:
-            prompt, truncated = layout.prompt(doc_ids)
+        async def one(doc_id: str, prompt: list[int], truncated: bool) -> DocResult:
             out = await engine.score(prompt, layout.answer_ids, shard=shard)
             return parse_scores(
                 layout, out.logprobs, doc_id=doc_id, tokens_in=len(prompt), truncated=truncated
             )
 
-        return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
+        return await _gather_per_doc(ids, [one(i, *p) for i, p in zip(ids, prompts, strict=True)])
 
     async def _choose_all(
         self,
@@ -290,10 +301,9 @@ class EngineClassifier:
         layout: Layout,
         shard: str,
         ids: list[str],
-        tokens: list[list[int]],
+        prompts: list[_Prompt],
     ) -> list[DocResult]:
-        async def one(doc_id: str, doc_ids: list[int]) -> DocResult:
-            prompt, truncated = layout.prompt(doc_ids)
+        async def one(doc_id: str, prompt: list[int], truncated: bool) -> DocResult:
             out = await engine.choose(
                 prompt, layout.labels, shard=shard, max_tokens=self.choice_max_tokens
             )
@@ -308,19 +318,18 @@ class EngineClassifier:
                 truncated=truncated,
             )
 
-        return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
+        return await _gather_per_doc(ids, [one(i, *p) for i, p in zip(ids, prompts, strict=True)])
 
     async def _embed_all(
-        self, engine: EngineAdapter, shard: str, ids: list[str], tokens: list[list[int]]
+        self, engine: EngineAdapter, shard: str, ids: list[str], prompts: list[_Prompt]
     ) -> list[DocResult | _Embedded]:
-        async def one(doc_id: str, doc_ids: list[int]) -> _Embedded:
-            prompt, truncated = self._embedding_input(engine, doc_ids)
+        async def one(doc_id: str, prompt: list[int], truncated: bool) -> _Embedded:
             vector = await engine.embed(prompt, shard=shard)
             return _Embedded(doc_id, vector, len(prompt), truncated)
 
-        return await _gather_per_doc(ids, [one(i, t) for i, t in zip(ids, tokens, strict=True)])
+        return await _gather_per_doc(ids, [one(i, *p) for i, p in zip(ids, prompts, strict=True)])
 
-    def _embedding_input(self, engine: EngineAdapter, doc_ids: list[int]) -> tuple[list[int], bool]:
+    def _embedding_input(self, engine: EngineAdapter, doc_ids: list[int]) -> _Prompt:
         before, after = engine.special_tokens()
         budget = min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
         truncated = len(doc_ids) > budget
