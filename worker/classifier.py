@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -154,7 +154,11 @@ class EngineClassifier:
                     break  # a chunk failed (a dead engine): stop tokenising, raise it below
                 part = docs[start : start + self.submit_chunk]
                 ids = [str(doc["id"]) for doc in part]
-                tokens = engine.encode_batch([str(doc["text"]) for doc in part])
+                tokens = head_tokens(
+                    engine.encode_batch,
+                    [str(doc["text"]) for doc in part],
+                    keep=self._doc_budget(engine, prepared, spec),
+                )
                 # Prompts are built here too, so the event loop (one thread for the whole
                 # worker) only hands them to the engine.
                 prompts = [self._prompt(engine, prepared, spec, t) for t in tokens]
@@ -208,6 +212,14 @@ class EngineClassifier:
         if spec.decoding == "choice":
             return self._choose_all(engine, prepared.layout, shard, ids, prompts)
         return self._score_all(engine, prepared.layout, shard, ids, prompts)
+
+    def _doc_budget(self, engine: EngineAdapter, prepared: _Prepared, spec: JobSpec) -> int:
+        """How many of a document's tokens its request holds (the rest is cut)."""
+        if spec.mode == "embedding":
+            before, after = engine.special_tokens()
+            return min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
+        assert prepared.layout is not None
+        return prepared.layout.doc_budget
 
     def _prompt(
         self, engine: EngineAdapter, prepared: _Prepared, spec: JobSpec, doc_ids: list[int]
@@ -334,6 +346,31 @@ class EngineClassifier:
         budget = min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
         truncated = len(doc_ids) > budget
         return [*before, *doc_ids[:budget], *after], truncated
+
+
+# A long document is tokenised from its head: the text cut at this many characters per token kept
+# (no token of ordinary text is longer), and again whole only when the cut gives too few tokens.
+CHARS_PER_TOKEN_BOUND = 16
+HEAD_MARGIN = 64  # tokens past the budget that the head must give, so the cut word is past it
+
+
+def head_tokens(
+    encode: Callable[[list[str]], list[list[int]]], texts: Sequence[str], *, keep: int
+) -> list[list[int]]:
+    """Token ids of each text, or of its head when the text is long: a request holds only its
+    first `keep` tokens, so a 100,000-character document need not be tokenised whole (on a GPU,
+    tokenising is most of the worker's CPU). The head gives at least `keep` + HEAD_MARGIN tokens,
+    so the first `keep` are those of the whole text (only the word cut at the end of the head
+    could tokenise differently) and a cut document is still seen as longer than `keep`."""
+    cap = (keep + HEAD_MARGIN) * CHARS_PER_TOKEN_BOUND
+    ids = encode([text[:cap] for text in texts])
+    short = [
+        i for i, text in enumerate(texts) if len(text) > cap and len(ids[i]) < keep + HEAD_MARGIN
+    ]
+    if short:  # very long tokens (a base64 blob, a run of one character): the whole text
+        for i, whole in zip(short, encode([texts[i] for i in short]), strict=True):
+            ids[i] = whole
+    return ids
 
 
 async def _gather_per_doc(
