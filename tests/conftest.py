@@ -95,6 +95,22 @@ def database_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def private_db(settings: Settings) -> Iterator[tuple[sessionmaker[Session], Settings]]:
+    """A fresh database of one test's own (migrated, dropped after), with settings pointing at it:
+    for a test of something that works across every tenant (the router's tick, the purge), which
+    jobs other tests left in the shared database would otherwise disturb."""
+    name = f"postroom_private_{secrets.token_hex(4)}"
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    migrate(url)
+    own = settings.model_copy(update={"database_url": url})
+    engine = make_engine(own)
+    yield make_sessionmaker(engine), own
+    engine.dispose()
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> str:
     if not reachable("127.0.0.1", 6379):

@@ -3,40 +3,19 @@
 
 from __future__ import annotations
 
-import secrets
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
-import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.purge import purge_tick
-from postroom.db.migrate import migrate
 from postroom.db.models import Job, Result
-from postroom.db.session import make_engine, make_sessionmaker
 from postroom.partitions import existing_partitions
 from postroom.settings import Settings
 from postroom.storage import Storage
 from tests.finished_jobs import finished_job
 from tests.postroom.jobrows import make_job
-
-
-@pytest.fixture
-def own_db(settings: Settings) -> Iterator[tuple[sessionmaker[Session], Settings]]:
-    """A database of this test's own: the purge works across every tenant, so jobs other tests
-    left deleted or expirable in the shared database would take the tick's bounded slots."""
-    name = f"postroom_retention_{secrets.token_hex(4)}"
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    migrate(url)
-    own = settings.model_copy(update={"database_url": url})
-    engine = make_engine(own)
-    yield make_sessionmaker(engine), own
-    engine.dispose()
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _age(
@@ -55,9 +34,9 @@ def _left(sessions: sessionmaker[Session], jobs: dict[str, uuid.UUID]) -> set[st
 
 
 def test_only_jobs_past_their_time_are_purged_a_bounded_batch_per_tick(
-    own_db: tuple[sessionmaker[Session], Settings], storage: Storage
+    private_db: tuple[sessionmaker[Session], Settings], storage: Storage
 ) -> None:
-    sessions, settings = own_db
+    sessions, settings = private_db  # the purge works across every tenant
     tenant = f"keep-{uuid.uuid4().hex[:8]}"
     jobs = {
         name: finished_job(sessions, tenant=tenant, docs=20, shard_size=10, storage=storage)

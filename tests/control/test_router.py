@@ -239,11 +239,12 @@ def _take_backs() -> float:
 
 
 def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
-    settings: Settings,
-    sessions: sessionmaker[Session],
+    private_db: tuple[sessionmaker[Session], Settings],
     celery: Celery,
     broker: redis.Redis,
 ) -> None:
+    # The tick decides for every job: other tests' jobs in the shared database would be routed too.
+    sessions, settings = private_db
     alias = f"router-{uuid.uuid4().hex[:8]}"
     home = gpu_queue(alias)
     worker = f"gpu@router-test:{alias}"

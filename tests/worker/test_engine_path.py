@@ -48,21 +48,27 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[tuple[EngineAdapter, LoopThrea
     loop.stop()
 
 
+def _classifier(
+    engine: EngineAdapter, loop: LoopThread, submit_chunk: int = 64
+) -> EngineClassifier:
+    settings = Settings()
+    return EngineClassifier(
+        loop=loop,
+        engines={"tiny": engine},
+        doc_max_tokens=settings.doc_max_tokens,
+        choice_max_tokens=settings.choice_max_tokens,
+        embedding_temperature=settings.embedding_temperature,
+        timeout=120,
+        submit_chunk=submit_chunk,
+    )
+
+
 @pytest.mark.timeout(300)
 def test_chunked_classify_keeps_input_order(tiny_engine: tuple[EngineAdapter, LoopThread]) -> None:
     engine, loop = tiny_engine
-    settings = Settings()
 
     def classifier(chunk: int) -> EngineClassifier:
-        return EngineClassifier(
-            loop=loop,
-            engines={"tiny": engine},
-            doc_max_tokens=settings.doc_max_tokens,
-            choice_max_tokens=settings.choice_max_tokens,
-            embedding_temperature=settings.embedding_temperature,
-            timeout=120,
-            submit_chunk=chunk,
-        )
+        return _classifier(engine, loop, submit_chunk=chunk)
 
     spec = JobSpec(
         labels=[Label(name="billing"), Label(name="bug"), Label(name="shipping")],
@@ -88,7 +94,6 @@ def test_calibrated_scores_divide_out_the_content_free_answers(
     tiny_engine: tuple[EngineAdapter, LoopThread],
 ) -> None:
     engine, loop = tiny_engine
-    settings = Settings()
     plain_spec = engine.spec
     labels = ["billing", "bug", "shipping"]
     spec = JobSpec(
@@ -102,14 +107,7 @@ def test_calibrated_scores_divide_out_the_content_free_answers(
 
     def run(calibrate: bool) -> tuple[list[Any], Any]:
         engine.spec = plain_spec.model_copy(update={"calibrate": calibrate})
-        classifier = EngineClassifier(
-            loop=loop,
-            engines={"tiny": engine},
-            doc_max_tokens=settings.doc_max_tokens,
-            choice_max_tokens=settings.choice_max_tokens,
-            embedding_temperature=settings.embedding_temperature,
-            timeout=120,
-        )
+        classifier = _classifier(engine, loop)
         job_id = uuid.uuid4()
         results = classifier.classify(job_id=job_id, spec=spec, shard=f"{job_id}/0", docs=docs)
         return results, classifier._prepare(job_id, spec, engine).layout
