@@ -229,7 +229,7 @@ def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> tuple[list[int], s
         shards,
         ahead=ahead,
         rate=rate,
-        seconds_left=seconds_left,
+        seconds_left=seconds_left * settings.router_deadline_headroom,
         spill_ahead=tick.spill_docs,
         spill_rate=tick.spill_rate,
         margin=settings.router_spill_margin,

@@ -242,6 +242,10 @@ class Settings(BaseSettings):
     # Hysteresis: a shard spills only when the managed API would finish it this many times sooner
     # than the GPUs, and comes back only when the GPUs would, so it never goes back and forth.
     router_spill_margin: float = Field(default=1.25, gt=1.0)
+    # The GPUs keep only the shards they finish within this share of the time a job has left; the
+    # rest spills. Rates are measured, not promised: without headroom the GPUs' share is planned to
+    # end exactly at the deadline, and any slowdown misses it.
+    router_deadline_headroom: float = Field(default=0.9, gt=0.0, le=1.0)
 
     # -- claim policy and quotas per tenant (a tenant's row may override each `tenant_*` and
     #    `quota_*`: `postroom tenants set`); a quota of 0 means no limit

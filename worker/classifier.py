@@ -216,8 +216,7 @@ class EngineClassifier:
     def _doc_budget(self, engine: EngineAdapter, prepared: _Prepared, spec: JobSpec) -> int:
         """How many of a document's tokens its request holds (the rest is cut)."""
         if spec.mode == "embedding":
-            before, after = engine.special_tokens()
-            return min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
+            return self._embedding_budget(engine)
         assert prepared.layout is not None
         return prepared.layout.doc_budget
 
@@ -341,9 +340,13 @@ class EngineClassifier:
 
         return await _gather_per_doc(ids, [one(i, *p) for i, p in zip(ids, prompts, strict=True)])
 
+    def _embedding_budget(self, engine: EngineAdapter) -> int:
+        before, after = engine.special_tokens()
+        return min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
+
     def _embedding_input(self, engine: EngineAdapter, doc_ids: list[int]) -> _Prompt:
         before, after = engine.special_tokens()
-        budget = min(self.doc_max_tokens, engine.max_model_len - len(before) - len(after))
+        budget = self._embedding_budget(engine)
         truncated = len(doc_ids) > budget
         return [*before, *doc_ids[:budget], *after], truncated
 
