@@ -14,15 +14,23 @@
 #   run(command="bash bench/gpu/quant_on_device.sh --stage-only", carry=[".gpu-smol-1"])
 #   run(command="bash bench/gpu/quant_on_device.sh --models smollm2 --docs 0", carry=[".gpu-smol-2"])
 #   run(command="bash bench/gpu/quant_on_device.sh --models 1.5b --docs 4000")
+# After a call of bench/gpu/stack/run_on_device.sh on the same machine, the random-weight shapes
+# need no carry at all (the services archive it unpacked has pydantic-settings).
 # `--models smollm2` means the joined GGUF file; other arguments go to bench/gpu/quant.py.
 # Results: $OUT/quant-*.json (OUT defaults to bench/results), the engines' logs in $OUT.
 set -eo pipefail
 source .gpu/device_env.sh .gpu
-if [ ! -d /tmp/extra/pydantic_settings ] || [ ! -d /tmp/extra/gguf ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/extra .gpu/extra/*.whl
-fi
 SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
-export PYTHONPATH="/tmp/site:$SITE:/tmp/extra:$PWD"
+if [ -d /tmp/services/pydantic_settings ] && [ ! -d .gpu/extra ]; then
+  # The stack's services archive is unpacked (bench/gpu/stack/run_on_device.sh ran on this
+  # machine): it has what the random-weight shapes need (not gguf: no smollm2 this way).
+  export PYTHONPATH="/tmp/site:$SITE:/tmp/services:$PWD"
+else
+  if [ ! -d /tmp/extra/pydantic_settings ] || [ ! -d /tmp/extra/gguf ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/extra .gpu/extra/*.whl
+  fi
+  export PYTHONPATH="/tmp/site:$SITE:/tmp/extra:$PWD"
+fi
 export OUT=${OUT:-$PWD/bench/results}
 mkdir -p "$OUT" /tmp/smol
 for dir in .gpu-smol-*; do

@@ -33,7 +33,7 @@ def tmp_path() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     cli = _cli(monkeypatch)
@@ -47,7 +47,9 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "--warm-docs=8",
             "--shard-size=8",
             "--concurrency=2",
-            "--raw-repeats=0",
+            "--raw-repeats=1",
+            "--worker-env=",
+            "--worker-env=POSTROOM_WORKER_SWITCH_INTERVAL_SECONDS=0.005",
             "--faults=restart-redis",
             "--fault-at=0.1",
             "--job-timeout=150",  # fails with the processes' log tails rather than hanging
@@ -69,6 +71,19 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     for role in ("api", "engine", "postgres"):
         assert b["cpu_s"][role] > 0, (role, b["cpu_s"])
     assert shape["feed"]["cores_per_gpu"] > 0
+    # (a) timed from the token ids and from the text; (b) against both.
+    assert shape["a"]["docs_per_s"] > 0
+    assert shape["a"]["from_text_docs_per_s"] > 0
+    assert shape["ratio_b_over_a"] > 0
+    assert shape["ratio_b_over_a_from_text"] > 0
+    # How full the worker kept its engine, sampled from its metrics while the job ran.
+    assert b["inflight_summary"]["samples"] > 0, b["inflight_summary"]
+    # A second (b) on a worker restarted with another setting, checked like the first.
+    (variant,) = shape["b_variants"]
+    assert b["worker_env"] == {}
+    assert variant["worker_env"] == {"POSTROOM_WORKER_SWITCH_INTERVAL_SECONDS": "0.005"}
+    assert variant["verdict"]["clean"], variant["verdict"]
+    assert variant["verdict"]["results"] == 96
     fault = shape["restart-redis"]
     assert fault["fault"]["kind"] == "restart-redis", "the fault came after the job ended"
     assert fault["status"] == "completed"

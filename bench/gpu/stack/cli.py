@@ -30,6 +30,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=256, help="POSTROOM_SHARD_SIZE")
     p.add_argument("--inflight-factor", type=float, default=4.0)
     p.add_argument("--faults", default="", help="after (b): kill-worker,restart-redis")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="(b) again on a restarted worker with these settings (repeatable; '' = as is)",
+    )
     p.add_argument("--job-timeout", type=float, default=3600, help="per job, s")
     p.add_argument("--lease-seconds", type=int, default=120, help="POSTROOM_LEASE_SECONDS")
     p.add_argument("--fault-at", type=float, default=0.3, help="share of the job done")

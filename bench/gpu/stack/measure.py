@@ -46,6 +46,7 @@ def child_cfg(opts: argparse.Namespace, shape: str) -> dict[str, Any]:
         "kv_cache_bytes": opts.kv_cache_bytes,
         "gpu_memory_utilization": opts.gpu_memory_utilization,
         "repeats": opts.raw_repeats,
+        "from_text": True,
         "engine": asdict(ENGINES[opts.engine]),
         "verbose": opts.verbose,
     }
@@ -87,6 +88,9 @@ class JobRun:
         self, stack: GpuStack, data: dict[str, Any], log: Log, timeout: float = 3600
     ) -> None:
         self.stack, self.data, self.log, self.timeout = stack, data, log, timeout
+        # The engine's batch: its setting, or what "0 = auto" picks (postroom.settings).
+        gpu = stack.settings.engine_device != "cpu"
+        self.max_num_seqs = stack.settings.engine_max_num_seqs or (512 if gpu else 128)
         self.params = {
             "labels": json.dumps(data["labels"]),
             "instructions": data["instructions"],
@@ -99,10 +103,13 @@ class JobRun:
         job = stack.client.upload(path, self.params)
         upload_s = time.time() - t0
         timeline: list[tuple[float, int]] = []
+        inflight: list[tuple[float, int | None]] = []
         faulted: dict[str, Any] = {}
         while (job := stack.client.job(job["id"]))["status"] not in FINAL:
             done = job["counts"]["succeeded"] + job["counts"]["failed"]
             timeline.append((round(time.time() - t0, 2), done))
+            if len(timeline) % 4 == 1:  # a scrape costs the worker's GIL ~5 ms: once a second
+                inflight.append((round(time.time() - t0, 2), stack.inflight()))
             if fault and not faulted and done >= fault_at * docs:
                 faulted = self.fault(fault, done)
             if faulted and "recovered_s" not in faulted and done > faulted["done_at_fault"]:
@@ -128,6 +135,8 @@ class JobRun:
             "upload_s": round(upload_s, 2),
             "cpu_s": {r: round(cpu1[r] - cpu0[r], 2) for r in ROLES},
             "timeline": timeline,
+            "inflight": inflight,
+            "inflight_summary": inflight_summary(inflight, self.max_num_seqs),
             "fault": faulted or None,
         }
 
@@ -154,6 +163,26 @@ class JobRun:
         out["engine_restart_s"] = round(time.time() - out["at"], 1)
 
 
+def worker_variants(items: list[str]) -> list[dict[str, str]]:
+    """`--worker-env` items (`K=V,K=V`, or empty for the stack's settings as they are) as env
+    dicts; one (b) each, the first one's is the (b) of the ratio."""
+    return [dict(kv.split("=", 1) for kv in item.split(",") if kv) for item in items] or [{}]
+
+
+def inflight_summary(samples: list[tuple[float, int | None]], batch: int) -> dict[str, Any]:
+    """How full the worker kept its engine while the job ran: the share of samples (every
+    ~0.25 s) with fewer requests in the engine than one full batch (max_num_seqs)."""
+    seen = [n for _, n in samples if n is not None]
+    if not seen:
+        return {"samples": 0}
+    return {
+        "samples": len(seen),
+        "median": statistics.median(seen),
+        "below_batch_share": round(sum(1 for n in seen if n < batch) / len(seen), 3),
+        "batch": batch,
+    }
+
+
 def verify(stack: GpuStack, job_id: str, ids: list[str]) -> dict[str, Any]:
     """Every document's result row in Postgres and its line in S3, exactly once."""
     verdict = check(
@@ -173,10 +202,16 @@ def verify(stack: GpuStack, job_id: str, ids: list[str]) -> dict[str, Any]:
 def raw_summary(raw: dict[str, Any]) -> dict[str, Any]:
     if "error" in raw:
         return raw
-    rates = [p["docs"] / p["wall_s"] for p in raw["passes"]]
+    ids = [p for p in raw["passes"] if not p["config"].get("from_text")]
+    text = [p for p in raw["passes"] if p["config"].get("from_text")]
+    rates = [p["docs"] / p["wall_s"] for p in ids]
+    text_rates = [p["docs"] / p["wall_s"] for p in text]
     return {
         "docs_per_s": round(statistics.median(rates), 1),
         "passes_docs_per_s": [round(r, 1) for r in rates],
+        # Timed from the text: one batch tokenisation on the clock, as (b) tokenises in the worker.
+        "from_text_docs_per_s": round(statistics.median(text_rates), 1) if text_rates else None,
+        "from_text_passes_docs_per_s": [round(r, 1) for r in text_rates],
         "engine_start_s": round(raw["engine_start_s"], 1),
         "cpu_engine_core": [p.get("cpu_engine_core") for p in raw["passes"]],
         "cpu_process": [p.get("cpu_process") for p in raw["passes"]],
@@ -243,14 +278,29 @@ def run_shape(
         warm = runner.run(warm_path, len(data["warm"]))
         out["warm"] = {k: warm[k] for k in ("docs", "seconds", "status")}
         ids = [d["id"] for d in data["docs"]]
-        for fault in ["", *filter(None, opts.faults.split(","))]:
-            name = fault or "b"
+
+        def through_api(name: str, fault: str = "") -> dict[str, Any]:
             log(f"   {name}: {len(ids)} documents through the API")
             result = runner.run(path, len(ids), fault=fault, fault_at=opts.fault_at)
             result["verdict"] = verify(stack, result["job_id"], ids)
             result["cpu_s_per_1000_docs"] = per_thousand(result)
+            result["worker_env"] = dict(stack.worker_env)
             log(f"   {name}: {result['docs_per_s']} docs/s, verdict {result['verdict']}")
-            out[name] = result
+            return result
+
+        for number, env in enumerate(worker_variants(opts.worker_env)):
+            if number:  # each variant on a fresh worker (its engine started again), warmed up
+                log(f"   worker again with {env}")
+                stack.restart_worker(env)
+                runner.run(warm_path, len(data["warm"]))
+            result = through_api("b" if not number else f"b{number + 1}")
+            if not number:
+                out["b"] = result
+            else:
+                out.setdefault("b_variants", []).append(result)
+            save(out)
+        for fault in filter(None, opts.faults.split(",")):
+            out[fault] = through_api(fault, fault)
             save(out)
         if opts.load:
 
@@ -267,6 +317,10 @@ def run_shape(
     b, a = out.get("b"), out.get("a", {})
     if b and a.get("docs_per_s"):
         out["ratio_b_over_a"] = round(b["docs_per_s"] / a["docs_per_s"], 3)
+        if a.get("from_text_docs_per_s"):
+            out["ratio_b_over_a_from_text"] = round(b["docs_per_s"] / a["from_text_docs_per_s"], 3)
+        for variant in out.get("b_variants", []):
+            variant["ratio_b_over_a"] = round(variant["docs_per_s"] / a["docs_per_s"], 3)
     if b:
         out["feed"] = feed(b, opts.host_cores)
     return out

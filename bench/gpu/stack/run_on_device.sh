@@ -30,4 +30,8 @@ export OUT=${OUT:-$PWD/bench/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import vllm, celery, sqlalchemy, psycopg, moto; print('vllm', vllm.__version__)"
-python3 bench/gpu/stack/run.py --device cuda --log "$OUT/stack.log" --out "$OUT/gpu-stack.json" "$@"
+rc=0
+python3 bench/gpu/stack/run.py --device cuda --log "$OUT/stack.log" --out "$OUT/gpu-stack.json" "$@" || rc=$?
+# Every process's log (the worker's "shard done" lines say where each shard's time went).
+(cd /tmp/postroom-stack && find . -path '*/stack/logs/*.log' -print0 | tar -czf "$OUT/logs.tar.gz" --null -T -) || true
+exit $rc

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from pydantic import SecretStr
 from sqlalchemy import select
@@ -72,6 +73,7 @@ class GpuStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.base = settings
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.worker_env: dict[str, str] = {}  # the GPU worker's own settings on top (variants)
         # CPU seconds of processes a fault replaced, so a role's total keeps counting them.
         self.cpu_gone: dict[str, float] = dict.fromkeys(ROLES, 0.0)
 
@@ -99,6 +101,10 @@ class GpuStack:
             }
         )
         self.env = settings_env(self.settings)
+        # The GPU worker's metrics on a port of its own (its in-flight gauge is sampled during a
+        # job); the API, beat and spill worker serve none.
+        self.worker_metrics_port = free_port()
+        self.env["POSTROOM_WORKER_METRICS_PORT"] = "0"
         Storage(self.settings).ensure_bucket()
         self._cli("migrate")
         key = self._cli("keys", "create", "bench").strip().splitlines()[-1]
@@ -133,9 +139,26 @@ class GpuStack:
         return done.stdout
 
     def _spawn(self, role: str, *args: str) -> None:
-        self.procs[role] = spawn(
-            postroom_command(*args), env=self.env, log=self.logs / f"{role}.log"
-        )
+        env = self.env
+        if role == "worker":
+            env = {
+                **env,
+                "POSTROOM_WORKER_METRICS_PORT": str(self.worker_metrics_port),
+                **self.worker_env,
+            }
+        self.procs[role] = spawn(postroom_command(*args), env=env, log=self.logs / f"{role}.log")
+
+    def inflight(self) -> int | None:
+        """Requests the GPU worker has in its engine now (None while it serves no metrics)."""
+        try:
+            url = f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
+            text = httpx.get(url, timeout=1.0).text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("postroom_engine_inflight_requests{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return None
 
     def start_worker(self, *, wait: bool = True) -> None:
         self._spawn("worker", "worker", *self.worker_args)
@@ -165,6 +188,12 @@ class GpuStack:
                 time.sleep(0.25)
             results.append(job)
         return results
+
+    def restart_worker(self, env: dict[str, str]) -> None:
+        """The GPU worker again, idle, with `env` on top of the stack's settings (a variant)."""
+        self.kill_worker()
+        self.worker_env = env
+        self.start_worker(wait=True)
 
     # -- faults ------------------------------------------------------------------------------
 
