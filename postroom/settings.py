@@ -188,11 +188,6 @@ class Settings(BaseSettings):
     worker_concurrency: PositiveInt = 8
     worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_heartbeat_seconds: PositiveFloat = 5.0
-    # How long one thread of a worker may hold the GIL while another waits (Python's
-    # sys.setswitchinterval; its own default is 0.005). The engine's event loop wakes thousands of
-    # times a second to hand requests over and take answers; with Python's 5 ms it can wait that
-    # long behind a shard thread writing results, and the engine's queue runs dry.
-    worker_switch_interval_seconds: PositiveFloat = 0.0005
     # Benchmarks only: label by a hash instead of a model, to measure the pipeline's ceiling.
     worker_null_classifier: bool = False
     lease_seconds: PositiveInt = 120

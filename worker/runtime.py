@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -107,8 +106,6 @@ class Runtime:
         self.admission = Admission()
 
     def start(self) -> None:
-        # The engine's event loop waits for the GIL at most this long (postroom.settings).
-        sys.setswitchinterval(self.settings.worker_switch_interval_seconds)
         hosted = self.route == "gpu" and not self.settings.worker_null_classifier
         self.beat()  # register first: the API accepts jobs for these aliases from now on
         prepare_models(self.settings, self.models if hosted else [])

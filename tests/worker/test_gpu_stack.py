@@ -49,7 +49,7 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "--concurrency=2",
             "--raw-repeats=1",
             "--worker-env=",
-            "--worker-env=POSTROOM_WORKER_SWITCH_INTERVAL_SECONDS=0.005",
+            "--worker-env=POSTROOM_ENGINE_SUBMIT_CHUNK=16",
             "--faults=restart-redis",
             "--fault-at=0.1",
             "--job-timeout=150",  # fails with the processes' log tails rather than hanging
@@ -81,7 +81,7 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     # A second (b) on a worker restarted with another setting, checked like the first.
     (variant,) = shape["b_variants"]
     assert b["worker_env"] == {}
-    assert variant["worker_env"] == {"POSTROOM_WORKER_SWITCH_INTERVAL_SECONDS": "0.005"}
+    assert variant["worker_env"] == {"POSTROOM_ENGINE_SUBMIT_CHUNK": "16"}
     assert variant["verdict"]["clean"], variant["verdict"]
     assert variant["verdict"]["results"] == 96
     fault = shape["restart-redis"]
