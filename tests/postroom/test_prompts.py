@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from postroom.domain import Label
 from postroom.prompts import (
     CALIBRATION_FLOOR,
+    Layout,
     build_layout,
     calibration,
     first_token_collisions,
@@ -65,14 +66,20 @@ def test_colliding_first_tokens_switch_to_option_markers(tokenizer: Any) -> None
     assert "C) refund" in text
 
 
-def test_scores_renormalise_over_the_label_set(tokenizer: Any) -> None:
-    layout = build_layout(
+@pytest.fixture
+def two_labels(tokenizer: Any) -> Layout:
+    """billing and shipping, a short budget: the layout the score tests read."""
+    return build_layout(
         tokenizer,
         labels=_labels("billing", "shipping"),
         instructions="x",
         doc_max_tokens=8,
         max_model_len=1024,
     )
+
+
+def test_scores_renormalise_over_the_label_set(two_labels: Layout) -> None:
+    layout = two_labels
     a, b = layout.answer_ids
     result = parse_scores(layout, {a: -2.0, b: -0.5}, doc_id="d", tokens_in=10, truncated=False)
     assert result.label == "shipping"
@@ -104,14 +111,8 @@ def test_choice_cut_off_or_outside_the_set_is_an_error_not_a_label() -> None:
     assert "answer_not_a_label" in odd.error
 
 
-def test_calibration_divides_out_the_bias_of_content_free_answers(tokenizer: Any) -> None:
-    layout = build_layout(
-        tokenizer,
-        labels=_labels("billing", "shipping"),
-        instructions="x",
-        doc_max_tokens=8,
-        max_model_len=1024,
-    )
+def test_calibration_divides_out_the_bias_of_content_free_answers(two_labels: Layout) -> None:
+    layout = two_labels
     a, b = layout.answer_ids
     # With no evidence the model says "shipping" (0.9 of the mass): its bias.
     cal = calibration(layout, [{a: -2.3, b: -0.1}, {a: -2.3, b: -0.1}])
