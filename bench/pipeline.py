@@ -49,28 +49,52 @@ def make_docs(count: int, *, seed: int = 1234) -> list[dict[str, str]]:
     ]
 
 
+ROLES = (
+    ("VLLM::", "engine"),
+    ("postgres", "postgres"),
+    ("redis", "redis"),
+    ("moto", "moto"),
+    ("celeryd", "worker"),
+    (" worker", "worker"),
+    (" api", "api"),
+)
+
+
+def role_of(proc: psutil.Process) -> str:
+    """What a process is, from its name and command line (the last group: this driver, (a)'s own
+    process, anything else on the machine)."""
+    try:
+        text = f"{proc.info['name']} {' '.join(proc.info['cmdline'] or [])}"
+    except (KeyError, TypeError):
+        return "other"
+    return next((role for needle, role in ROLES if needle in text), "other")
+
+
 def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """CPU time (user + system) of every process on the machine, by pid, with its name."""
+    """CPU time (user + system) of every process on the machine, by pid, with its role."""
     out = {}
-    for proc in psutil.process_iter(["name", "cpu_times"]):
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
         times = proc.info["cpu_times"]
         if times is not None:
-            out[proc.pid] = (proc.info["name"] or "", times.user + times.system)
+            out[proc.pid] = (role_of(proc), times.user + times.system)
     return out
 
 
-def cpu_split(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_split(before: dict[int, tuple[str, float]]) -> dict[str, Any]:
     """CPU seconds used since `before`: in vLLM's engine processes (`VLLM::EngineCore`,
     `VLLM::Worker`: the model itself) and in everything else (the API, the worker's Python,
-    Postgres, Redis, S3, this driver). On 2 cores the second is taken from the first."""
-    engine = other = 0.0
-    for pid, (name, total) in cpu_seconds().items():
-        used = total - before.get(pid, (name, 0.0))[1]
-        if name.startswith("VLLM::"):
-            engine += used
-        else:
-            other += used
-    return {"engine_cpu_s": round(engine, 2), "other_cpu_s": round(other, 2)}
+    Postgres, Redis, S3, this driver), that split by role. On 2 cores the second is taken from
+    the first."""
+    by_role: dict[str, float] = {}
+    for pid, (role, total) in cpu_seconds().items():
+        used = total - before.get(pid, (role, 0.0))[1]
+        by_role[role] = by_role.get(role, 0.0) + used
+    engine = by_role.pop("engine", 0.0)
+    return {
+        "engine_cpu_s": round(engine, 2),
+        "other_cpu_s": round(sum(by_role.values()), 2),
+        "other_by_role": {role: round(v, 2) for role, v in sorted(by_role.items())},
+    }
 
 
 class Direct:

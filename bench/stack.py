@@ -45,6 +45,11 @@ def bench_settings(**overrides: Any) -> Settings:
     return Settings(models=models, **{"model": "tiny", **overrides})
 
 
+# How often a bench asks for a job's status: as `postroom jobs wait` does (postroom_cli/jobs_view).
+# Times come from the job's own `finished_at`, so this sets only what the polls cost the machine.
+POLL_S = 0.5
+
+
 class Stack:
     def __init__(
         self,
@@ -154,7 +159,7 @@ class Stack:
                 if time.monotonic() > end:
                     counts = job["counts"]
                     raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s: {counts}")
-                time.sleep(0.25)
+                time.sleep(POLL_S)
             results.append(job)
         return results
 
