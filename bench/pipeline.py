@@ -4,9 +4,10 @@ whole pipeline (upload → API → S3 → Redis → worker → S3 + Postgres →
 Both sides use the same engine options (built by worker.engine.EngineAdapter.engine_options from the
 same Settings) and the same prompts (postroom.prompts.build_layout), measured in one run: (a) keeps
 its engine between passes, the stack keeps its worker, and the timed passes alternate a, b, a, b, …
-so that the machine's drift falls on both sides alike. Both are timed from text: (a) includes
-tokenising the documents (the worker tokenises too) but not reading them; (b) runs from the first
-byte of the upload to the job's `finished_at`.
+so that the machine's drift falls on both sides alike; each pair runs on documents of its own (the
+same on both sides), so no pass finds the one before it in a prefix cache. Both are timed from
+text: (a) includes tokenising the documents (the worker tokenises too) but not reading them; (b)
+runs from the first byte of the upload to the job's `finished_at`.
 
     .venv/bin/python bench/pipeline.py        # 6,000 docs generative (tiny), 2,000 embedding
     .venv/bin/python bench/pipeline.py --docs 2000 --modes generative --repeats 5
@@ -176,10 +177,15 @@ def measure(
     mode: str, docs_count: int, repeats: int, logs: Path, baseline: Path | None = None
 ) -> dict[str, Any]:
     alias = MODES[mode]
-    docs = make_docs(docs_count)
-    texts = [d["text"] for d in docs]
-    path = logs / f"{mode}.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    # Each pair of passes gets documents of its own (the same on both sides): a pass over the
+    # documents of the one before would find some of them still in an engine's prefix cache, as
+    # many as the order it ran them in leaves there, which differs between (a) and (b).
+    passes: list[tuple[list[str], Path]] = []
+    for rep in range(repeats):
+        docs = make_docs(docs_count, seed=1234 + rep)
+        path = logs / f"{mode}-{rep}.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        passes.append(([d["text"] for d in docs], path))
     warm = logs / f"{mode}-warm.jsonl"
     warm_docs = make_docs(300, seed=99)
     warm.write_text("".join(json.dumps(d) + "\n" for d in warm_docs))
@@ -189,9 +195,9 @@ def measure(
     pipeline_runs: list[dict[str, Any]] = []
     baseline_runs: list[dict[str, Any]] = []
 
-    def timed(stack: Stack) -> dict[str, Any]:
+    def timed(stack: Stack, path: Path) -> dict[str, Any]:
         cpu = cpu_seconds()
-        run = stack.run_job(path, len(docs), model=alias)
+        run = stack.run_job(path, docs_count, model=alias)
         run.update(cpu_split(cpu))
         run.pop("job")
         return run
@@ -209,11 +215,11 @@ def measure(
             for side in (old, stack):
                 if side is not None:
                     side.run_job(warm, len(warm_docs), model=alias)
-            for _ in range(repeats):
+            for texts, path in passes:
                 direct_runs.append(direct.run(texts))
                 if old is not None:
-                    baseline_runs.append(timed(old))
-                pipeline_runs.append(timed(stack))
+                    baseline_runs.append(timed(old, path))
+                pipeline_runs.append(timed(stack, path))
                 line = f"  {mode}: (a) {direct_runs[-1]['docs_per_s']:.1f} docs/s, "
                 if old is not None:
                     line += f"(b0) {baseline_runs[-1]['docs_per_s']:.1f} docs/s, "
@@ -222,7 +228,7 @@ def measure(
             direct.close()
     direct_rate = statistics.median(r["docs_per_s"] for r in direct_runs)
     pipeline_rate = statistics.median(r["docs_per_s"] for r in pipeline_runs)
-    tokens = direct_runs[0]["prompt_tokens"]
+    tokens = statistics.median(r["prompt_tokens"] for r in direct_runs)
     extra: dict[str, Any] = {}
     if baseline_runs:
         baseline_rate = statistics.median(r["docs_per_s"] for r in baseline_runs)
@@ -239,11 +245,11 @@ def measure(
         **extra,
         "mode": mode,
         "model": alias,
-        "docs": len(docs),
+        "docs": docs_count,
         "direct_docs_per_s": round(direct_rate, 1),
-        "direct_tokens_per_s": round(tokens * direct_rate / len(docs)),
+        "direct_tokens_per_s": round(tokens * direct_rate / docs_count),
         "pipeline_docs_per_s": round(pipeline_rate, 1),
-        "pipeline_tokens_per_s": round(tokens * pipeline_rate / len(docs)),
+        "pipeline_tokens_per_s": round(tokens * pipeline_rate / docs_count),
         "ratio": round(pipeline_rate / direct_rate, 3),
         "pair_ratios": [
             round(b["docs_per_s"] / a["docs_per_s"], 3)
