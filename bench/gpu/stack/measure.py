@@ -170,8 +170,8 @@ def worker_variants(items: list[str]) -> list[dict[str, str]]:
 
 
 def inflight_summary(samples: list[tuple[float, int | None]], batch: int) -> dict[str, Any]:
-    """How full the worker kept its engine while the job ran: the share of samples (every
-    ~0.25 s) with fewer requests in the engine than one full batch (max_num_seqs)."""
+    """How full the worker kept its engine while the job ran: the share of samples (about one
+    a second) with fewer requests in the engine than one full batch (max_num_seqs)."""
     seen = [n for _, n in samples if n is not None]
     if not seen:
         return {"samples": 0}
