@@ -185,8 +185,13 @@ def test_metrics_move_during_a_job(
     inline = {"method": "POST", "route": "/v1/jobs"}
     assert value(api, "postroom_http_requests_total", status="201", **inline) >= 1
 
-    # And beat serves the reaper's and the router's counters
-    beat = scrape(beat_metrics)
+    # And beat serves the reaper's and the router's counters (from its first reaper tick on,
+    # which a loaded machine may not have reached yet)
+    def reaper_counted() -> Samples | None:
+        samples = scrape(beat_metrics)
+        return samples if labelsets(samples, "postroom_reaper_actions_total") else None
+
+    beat = wait_until(reaper_counted, timeout=60, what="the reaper's counters on beat")
     actions = {labels["action"] for labels in labelsets(beat, "postroom_reaper_actions_total")}
     assert actions == {"expired", "republished", "rewritten", "trimmed", "withdrawn"}
 
