@@ -32,7 +32,7 @@ class RawEngine:
         from vllm.inputs import TokensPrompt
 
         tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
-        self.tok, self.texts = tok, [d["text"] for d in data["docs"]]
+        self.tok, self.docs = tok, data["docs"]
         self.layout = layout = job_layout(tok, data)
         self.prompts = [
             TokensPrompt(prompt_token_ids=p) for p in prompts_of(tok, layout, data["docs"])
@@ -62,8 +62,8 @@ class RawEngine:
 
     def timed(self, name: str, detokenize: bool = False, from_text: bool = False) -> dict[str, Any]:
         """One pass; `from_text` starts the clock at the documents' text (tokenised in one
-        batch call of the Rust tokenizer, then the same token-id prompts), as a user holding
-        text would call it, and as (b) is timed."""
+        batch call of the model's transformers tokenizer, then the same token-id prompts), as a
+        user holding text would call it, and as (b) is timed."""
         from vllm.inputs import TokensPrompt
 
         llm, params = self.llm, (self.params_detok if detokenize else self.params)
@@ -72,9 +72,9 @@ class RawEngine:
         with Probe() as probe:
             prompts = self.prompts
             if from_text:
-                encoded = self.tok(self.texts, add_special_tokens=False)["input_ids"]
                 prompts = [
-                    TokensPrompt(prompt_token_ids=self.layout.prompt(ids)[0]) for ids in encoded
+                    TokensPrompt(prompt_token_ids=p)
+                    for p in prompts_of(self.tok, self.layout, self.docs)
                 ]
             outs = llm.generate(prompts, params, use_tqdm=False)
         self.labels = [
