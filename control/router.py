@@ -14,6 +14,11 @@ finish them sooner.
   the spill backlog, while the GPUs would finish them `router_spill_margin` times sooner, so the
   GPUs never idle while a slower managed API drains a deep queue. The margin on both sides keeps
   a shard moved one way from moving back with the same numbers.
+- Spill must be up for any of that: a spill worker has sent a heartbeat within `gpu_dead_after`
+  seconds and not every live one reports its circuit breaker open. While spill is down, no
+  deadline work spills (the job's `router_note` says the deadline is at risk and why) and every
+  unclaimed spilled shard of an `auto` job whose GPUs are up goes back to them. A job whose GPUs
+  are down, or whose policy is `always`, still spills: nothing else could run it.
 - `max_spill_cost` caps what a job may spend: spilled shards are costed with the job's estimate,
   and past the cap the job waits for the GPUs and says so in `router_note`.
 
@@ -106,8 +111,12 @@ def plan_take_back(
     ahead: dict[str, int],
     rates: dict[str, float],
     margin: float,
+    spill_down: bool = False,
 ) -> list[Spilled]:
     """Choose the spilled shards the GPUs would finish `margin` times sooner than spill would.
+
+    While spill is down (`spill_down`: no live spill worker, or all their breakers open) every
+    shard with a home goes back: spill would never finish them.
 
     `backlog` is the spill queue's unclaimed shards in the order spill workers take them, behind
     `running` documents being worked there; `ahead` documents wait or run on each GPU queue, which
@@ -118,6 +127,8 @@ def plan_take_back(
     for a whole window, e.g. it is back from an outage) gets the last shard meant for it: that
     measures its rate for the next ticks.
     """
+    if spill_down:
+        return [shard for shard in reversed(backlog) if shard.home]
     ahead = dict(ahead)
     back: list[Spilled] = []
     for shard in reversed(backlog):
@@ -155,6 +166,7 @@ class _Tick:
     backlog: list[Spilled]
     spill_running: int
     spill_docs: int
+    spill_down: str | None  # why spill cannot take work now; None: it can
 
     @property
     def spill_says(self) -> str:
@@ -181,7 +193,8 @@ def route_tick(
 
 
 def _look(session: Session, settings: Settings, now: datetime) -> _Tick:
-    alive = _alive_aliases(session, now - timedelta(seconds=settings.gpu_dead_after))
+    since = now - timedelta(seconds=settings.gpu_dead_after)
+    alive = _alive_aliases(session, since)
     rates, spill_rate = drain_rates(
         session=session, now=now, window=settings.router_drain_window_seconds
     )
@@ -205,24 +218,33 @@ def _look(session: Session, settings: Settings, now: datetime) -> _Tick:
         backlog=backlog,
         spill_running=spill_running,
         spill_docs=spill_running + sum(s.docs for s in backlog),
+        spill_down=_spill_down(session, since, settings.gpu_dead_after),
     )
 
 
-def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> tuple[list[int], str]:
+@dataclass
+class _Plan:
+    to_spill: list[int]
+    reason: str = ""
+    held: str | None = None  # why shards that should spill wait for the GPUs (spill is down)
+
+
+def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
     """The shards of one job that should spill, and why."""
     shards = tick.waiting.get(job.id, [])
     if job.spill == "never":
-        return [], ""
+        return _Plan([])
     if job.spill == "always":
-        return [s for s, _ in shards], "always: the job's policy"
+        return _Plan([s for s, _ in shards], "always: the job's policy")
     if job.model not in tick.alive:
-        return [s for s, _ in shards], (
-            f"gpu down: no worker for {job.model!r} sent a heartbeat in {settings.gpu_dead_after}s"
+        return _Plan(
+            [s for s, _ in shards],
+            f"gpu down: no worker for {job.model!r} sent a heartbeat in {settings.gpu_dead_after}s",
         )
     queue = gpu_queue(job.model)
     rate = tick.rates.get(queue)
     if job.deadline is None or not rate:
-        return [], ""
+        return _Plan([])
     seconds_left = (job.deadline - tick.now).total_seconds()
     ahead = tick.ahead.get(queue, 0)
     to_spill, _ = plan_deadline(
@@ -234,9 +256,15 @@ def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> tuple[list[int], s
         spill_rate=tick.spill_rate,
         margin=settings.router_spill_margin,
     )
-    return to_spill, (
+    if to_spill and tick.spill_down:
+        docs = sum(d for s, d in shards if s in set(to_spill))
+        return _Plan(
+            [], held=f"deadline at risk: {docs} documents would spill, but {tick.spill_down}"
+        )
+    return _Plan(
+        to_spill,
         f"deadline: due in {seconds_left:.0f}s: GPUs drain {rate:.1f} docs/s with {ahead} docs "
-        f"ahead; {tick.spill_says} with {tick.spill_docs} docs ahead"
+        f"ahead; {tick.spill_says} with {tick.spill_docs} docs ahead",
     )
 
 
@@ -250,18 +278,21 @@ def _route_job(
 ) -> Decision | None:
     """Spill what `_plan_spill` chose within the job's budget, and count what stays."""
     docs_by_shard = dict(tick.waiting.get(job.id, []))
-    to_spill, reason = _plan_spill(tick, job, settings)
+    plan = _plan_spill(tick, job, settings)
     decision: Decision | None = None
-    if to_spill:
-        to_spill, note = _within_budget(sessions, settings, job, docs_by_shard, to_spill)
+    note = plan.held
+    if plan.to_spill:
+        to_spill, note = _within_budget(sessions, settings, job, docs_by_shard, plan.to_spill)
         if to_spill:
             spilling = {s: docs_by_shard[s] for s in to_spill}
             decision = _move(
-                sessions, celery, job.id, spilling, to_queue=QUEUE_SPILL, reason=reason
+                sessions, celery, job.id, spilling, to_queue=QUEUE_SPILL, reason=plan.reason
             )
             tick.spill_docs += decision.docs
             home = tick.homes.get(job.id)
             tick.backlog += [Spilled(job.id, s, docs_by_shard[s], home) for s in decision.shards]
+    if note or plan.to_spill or job.deadline is not None:
+        # Said again each tick while it holds, cleared (a no-op when clear) once it does not.
         _note(sessions, job.id, note)
     moved = decision.shards if decision is not None else []
     # What stays waits on the GPU queue, ahead of the next job's shards.
@@ -281,6 +312,7 @@ def _take_back_all(
         ahead=tick.ahead,
         rates=tick.rates,
         margin=margin,
+        spill_down=tick.spill_down is not None,
     )
     by_job: dict[uuid.UUID, list[Spilled]] = {}
     for shard in back:
@@ -294,7 +326,11 @@ def _take_back_all(
             if tick.rates.get(home)
             else f"GPUs ({home}) idle, not measured yet"
         )
-        reason = f"gpu sooner: {gpu_says}; {tick.spill_says} with {tick.spill_docs} docs ahead"
+        reason = (
+            f"spill down: {tick.spill_down}"
+            if tick.spill_down
+            else f"gpu sooner: {gpu_says}; {tick.spill_says} with {tick.spill_docs} docs ahead"
+        )
         shards = {s.shard_no: s.docs for s in taken}
         decisions.append(_move(sessions, celery, job_id, shards, to_queue=home, reason=reason))
     return decisions
@@ -306,6 +342,18 @@ def _alive_aliases(session: Session, since: datetime) -> set[str]:
         select(Worker.models).where(Worker.route == "gpu", Worker.heartbeat_at >= since)
     ).all()
     return {alias for models in rows for alias in models}
+
+
+def _spill_down(session: Session, since: datetime, dead_after: int) -> str | None:
+    """Why the spill route cannot take work now, or None when it can."""
+    stats = session.scalars(
+        select(Worker.stats).where(Worker.route == "spill", Worker.heartbeat_at >= since)
+    ).all()
+    if not stats:
+        return f"no spill worker sent a heartbeat in {dead_after}s"
+    if all((s or {}).get("spill", {}).get("breaker_open") for s in stats):
+        return f"the managed API keeps failing: all {len(stats)} spill workers' breakers are open"
+    return None
 
 
 def _within_budget(
@@ -377,5 +425,6 @@ def _note(sessions: sessionmaker[Session], job_id: uuid.UUID, note: str | None) 
     with sessions.begin() as session:
         set_router_note(session=session, job_id=job_id, note=note)
     if note:
-        ROUTER_DECISIONS.labels(decision="hold", reason="max_spill_cost").inc()
+        why = "spill down" if note.startswith("deadline at risk") else "max_spill_cost"
+        ROUTER_DECISIONS.labels(decision="hold", reason=why).inc()
         logger.info("router: job %s: %s", job_id, note)

@@ -63,6 +63,7 @@ def worker(
     from postroom.gpus import GpuConfigError
     from postroom.pins import PinMismatch
     from worker.main import run_worker
+    from worker.spill import SpillConfigError
 
     if route not in ("gpu", "spill"):
         raise typer.BadParameter("--route is gpu or spill")
@@ -94,7 +95,7 @@ def worker(
         )
     except GpuConfigError as e:
         raise typer.BadParameter(str(e), param_hint="--models") from e
-    except PinMismatch as e:
+    except (PinMismatch, SpillConfigError) as e:
         err.print(f"[red]refusing to start:[/] {e}")
         raise typer.Exit(3) from e
 

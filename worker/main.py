@@ -15,6 +15,7 @@ from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, make_celery, signals
 from postroom.settings import Settings
 from worker.engine import detect_device
 from worker.runtime import Runtime, get_runtime, prepare_models, set_runtime
+from worker.spill import check_client
 from worker.tasks import register_tasks
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def run_worker(
         # A pinned alias whose files changed is refused here too, naming both digests.
         prepare_models(settings, models)
         verify_pins(settings, models)
+    if route == "spill":
+        # A client that cannot be built would fail every shard while the heartbeat says "alive".
+        check_client(settings)
     # Celery sends worker_init (engine start, metrics server) before its setup_logging signal.
     configure_logging(loglevel)
     app = build_app(settings)

@@ -180,13 +180,15 @@ class Runtime:
             return len(self._leases)
 
     def stats(self) -> dict[str, Any]:
-        in_flight = self.shards_in_flight()
-        return {
-            "shards_in_flight": in_flight,
+        stats: dict[str, Any] = {
+            "shards_in_flight": self.shards_in_flight(),
             "shards_done": self.shards_done,
             "docs_done": self.docs_done,
             "engines": {alias: engine.stats() for alias, engine in self.engines.items()},
         }
+        if isinstance(self.classifier, SpillClassifier):
+            stats["spill"] = self.classifier.health()
+        return stats
 
     def beat(self) -> None:
         """Upsert this worker's row (models, stats) and extend the leases it holds."""

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 from tenacity import (
@@ -40,6 +41,55 @@ logger = logging.getLogger(__name__)
 
 class SpillUnavailable(Exception):
     """The endpoint cannot answer now (breaker open, retries spent): the shard goes back."""
+
+
+class SpillConfigError(Exception):
+    """This process can never call the managed API (no URL, or its client cannot be built): a
+    spill worker refuses to start rather than heartbeat while failing every shard."""
+
+
+def new_client(settings: Settings) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=settings.spill_base_url,
+        api_key=settings.spill_api_key.get_secret_value() or "none",
+        max_retries=0,  # ours below: Retry-After for the whole process, breaker, deadline
+        timeout=settings.spill_call_deadline_seconds,
+    )
+
+
+def check_client(settings: Settings) -> None:
+    """Build (and close) the client a spill worker will use, before the worker starts.
+
+    What fails here fails every call later: a missing or malformed POSTROOM_SPILL_BASE_URL, or a
+    missing HTTP library (httpx builds its transport, and imports httpcore, only now). An
+    endpoint that is down is not checked: that is transient, and the breaker handles it.
+    """
+    if not settings.spill_base_url:
+        raise SpillConfigError(
+            "POSTROOM_SPILL_BASE_URL is not set: a spill worker needs the managed API's "
+            "OpenAI-compatible base URL (for example https://api.openai.com/v1)"
+        )
+    try:
+        url = urlsplit(settings.spill_base_url)
+        usable = url.scheme in ("http", "https") and bool(url.hostname)
+    except ValueError:  # "http://[::1": an unclosed IPv6 bracket
+        usable = False
+    if not usable:
+        raise SpillConfigError(
+            f"POSTROOM_SPILL_BASE_URL={settings.spill_base_url!r} is not an http(s) URL "
+            "(for example https://api.openai.com/v1)"
+        )
+
+    async def build() -> None:
+        await new_client(settings).close()
+
+    try:
+        asyncio.run(build())
+    except Exception as e:
+        raise SpillConfigError(
+            f"cannot build the managed API client for POSTROOM_SPILL_BASE_URL="
+            f"{settings.spill_base_url!r}: {type(e).__name__}: {e}"
+        ) from e
 
 
 class _Transient(Exception):
@@ -64,6 +114,11 @@ class CircuitBreaker:
             raise SpillUnavailable("circuit breaker open: the managed API keeps failing")
         self.opened_at = None  # half-open: this call decides
         self.consecutive = self.failures - 1
+
+    @property
+    def is_open(self) -> bool:
+        """Open and not yet due for its trial call (what the heartbeat reports to the router)."""
+        return self.opened_at is not None and time.monotonic() - self.opened_at < self.reset
 
     def success(self) -> None:
         self.consecutive = 0
@@ -98,14 +153,14 @@ class SpillClassifier:
     def _ensure(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
         # Built on the loop thread, where they are used.
         if self._client is None or self._sem is None:
-            self._client = openai.AsyncOpenAI(
-                base_url=self.settings.spill_base_url,
-                api_key=self.settings.spill_api_key.get_secret_value() or "none",
-                max_retries=0,  # ours below: Retry-After for the whole process, breaker, deadline
-                timeout=self.settings.spill_call_deadline_seconds,
-            )
+            self._client = new_client(self.settings)
             self._sem = asyncio.Semaphore(self.settings.spill_concurrency)
         return self._client, self._sem
+
+    def health(self) -> dict[str, Any]:
+        """For the heartbeat: the router sends no deadline work to a route whose breakers are all
+        open, and takes its unclaimed shards back to live GPUs."""
+        return {"breaker_open": self.breaker.is_open, "calls": self.calls}
 
     def classify(
         self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]

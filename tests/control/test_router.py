@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.router import Spilled, plan_deadline, plan_take_back, route_tick
 from postroom.backlog import drain_rates
 from postroom.db.models import Job, Shard, Worker
-from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, queue_depth
+from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, queue_depth, trim_queue
 from postroom.settings import Settings
 from postroom.tenants import ensure_tenant
 
@@ -123,6 +123,19 @@ def test_nothing_comes_back_without_a_spill_measurement_or_a_gpu_rate() -> None:
     assert plan_take_back(backlog, spill_rate=None, rates={"gpu.m": 100.0}, **busy) == []
     assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.other": 100.0}, **busy) == []
     assert plan_take_back(backlog, spill_rate=1.0, rates={"gpu.m": 100.0}, **busy)
+
+
+@pytest.mark.parametrize("spill_rate", [None, 1.0, 1000.0])
+def test_while_spill_is_down_every_shard_with_a_home_comes_back(spill_rate: float | None) -> None:
+    job, stays = uuid.uuid4(), uuid.uuid4()
+    backlog = [*_backlog(job, SHARDS[:4], "gpu.m"), *_backlog(stays, [(0, 100)], None)]
+    # GPUs far behind and slower than spill: with spill up, nothing would come back …
+    busy: dict[str, Any] = {"running": 0, "ahead": {"gpu.m": 10**6}, "rates": {"gpu.m": 1.0}}
+    up = plan_take_back(backlog, spill_rate=spill_rate, margin=MARGIN, **busy)
+    assert up == []
+    # … with spill down, every shard that has a GPU queue to go to does, from the end
+    down = plan_take_back(backlog, spill_rate=spill_rate, margin=MARGIN, spill_down=True, **busy)
+    assert [(s.job_id, s.shard_no) for s in down] == [(job, n) for n in (3, 2, 1, 0)]
 
 
 @pytest.mark.parametrize("spill_rate", [None, 1.0, 1000.0])
@@ -233,9 +246,26 @@ def _queues(sessions: sessionmaker[Session], job_id: uuid.UUID) -> dict[int, str
     return {shard_no: queue for shard_no, queue, _ in rows}
 
 
-def _take_backs() -> float:
-    labels = {"decision": "take_back", "reason": "gpu sooner"}
+def _decisions(decision: str, reason: str) -> float:
+    labels = {"decision": decision, "reason": reason}
     return REGISTRY.get_sample_value("postroom_router_decisions_total", labels) or 0.0
+
+
+def _take_backs() -> float:
+    return _decisions("take_back", "gpu sooner")
+
+
+def _add_worker(
+    session: Session, name: str, *, route: str, models: list[str], stats: dict[str, Any]
+) -> None:
+    values = {"route": route, "models": models, "stats": stats, "heartbeat_at": datetime.now(UTC)}
+    stmt = insert(Worker).values(name=name, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=[Worker.name], set_=values))
+
+
+def _router_note(sessions: sessionmaker[Session], job_id: uuid.UUID) -> str | None:
+    with sessions() as session:
+        return session.scalar(select(Job.router_note).where(Job.id == job_id))
 
 
 def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
@@ -247,16 +277,13 @@ def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
     sessions, settings = private_db
     alias = f"router-{uuid.uuid4().hex[:8]}"
     home = gpu_queue(alias)
-    worker = f"gpu@router-test:{alias}"
+    worker, spill_worker = f"gpu@router-test:{alias}", f"spill@router-test:{alias}"
     now = datetime.now(UTC)
     with sessions.begin() as session:
         tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
         # Given a live GPU worker for the model, which finished 100,000 docs in the window …
-        session.execute(
-            insert(Worker).values(
-                name=worker, route="gpu", models=[alias], stats={}, heartbeat_at=now
-            )
-        )
+        _add_worker(session, worker, route="gpu", models=[alias], stats={})
+        _add_worker(session, spill_worker, route="spill", models=[], stats={})
         history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
         done = {"state": "done", "finished_at": now}
         _add_shards(session, history, range(1), docs=100_000, queue=home, route="gpu", **done)
@@ -301,7 +328,114 @@ def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
     finally:
         with sessions.begin() as session:
             session.execute(delete(Job).where(Job.id.in_([history, auto, always])))
-            session.execute(delete(Worker).where(Worker.name == worker))
+            session.execute(delete(Worker).where(Worker.name.in_([worker, spill_worker])))
+        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
+            broker.delete(key)
+
+
+def test_deadline_work_waits_for_the_gpus_while_no_spill_worker_is_live(
+    private_db: tuple[sessionmaker[Session], Settings],
+    celery: Celery,
+    broker: redis.Redis,
+) -> None:
+    sessions, settings = private_db
+    alias = f"router-{uuid.uuid4().hex[:8]}"
+    home = gpu_queue(alias)
+    worker, spill_worker = f"gpu@router-test:{alias}", f"spill@router-test:{alias}"
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
+        # Given a live GPU worker that drains ~100 docs/s, no spill worker at all …
+        _add_worker(session, worker, route="gpu", models=[alias], stats={})
+        history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
+        done = {"state": "done", "route": "gpu", "finished_at": now, "queue": home}
+        _add_shards(session, history, range(1), docs=6000, **done)
+        # … and a job of 8 x 100 docs due in 2 s, which the GPUs cannot finish in time
+        job = _add_job(
+            session, tenant_id=tenant_id, model=alias, deadline=now + timedelta(seconds=2)
+        )
+        _add_shards(session, job, range(8), queue=home, enqueued_at=now)
+    held = _decisions("hold", "spill down")
+    spilled = 0
+    try:
+        # When the router ticks, nothing spills: there is nobody to run it there
+        assert list(route_tick(sessions=sessions, celery=celery, settings=settings)) == []
+        assert set(_queues(sessions, job).values()) == {home}
+        note = _router_note(sessions, job) or ""
+        assert note.startswith("deadline at risk:"), note
+        assert "no spill worker sent a heartbeat" in note
+        assert _decisions("hold", "spill down") == held + 1
+        # Once a spill worker is live, the next tick spills what the GPUs cannot finish, and the
+        # note is cleared
+        with sessions.begin() as session:
+            _add_worker(session, spill_worker, route="spill", models=[], stats={})
+        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
+        assert [(d.job_id, d.action) for d in decisions] == [(job, "spill")]
+        spilled = len(decisions[0].shards)
+        assert 0 < spilled < 8
+        assert QUEUE_SPILL in set(_queues(sessions, job).values())
+        assert _router_note(sessions, job) is None
+    finally:
+        with sessions.begin() as session:
+            session.execute(delete(Job).where(Job.id.in_([history, job])))
+            session.execute(delete(Worker).where(Worker.name.in_([worker, spill_worker])))
+        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
+            broker.delete(key)
+        # The doorbells this test rang on the (shared) spill queue
+        trim_queue(broker, QUEUE_SPILL, spilled, prefix=settings.broker_key_prefix)
+
+
+def test_spilled_shards_go_back_to_live_gpus_while_every_spill_breaker_is_open(
+    private_db: tuple[sessionmaker[Session], Settings],
+    celery: Celery,
+    broker: redis.Redis,
+) -> None:
+    sessions, settings = private_db
+    alias, dead = (f"router-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    home = gpu_queue(alias)
+    worker = f"gpu@router-test:{alias}"
+    spills = [f"spill@router-test:{alias}:{n}" for n in range(2)]
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
+        # Given a live GPU worker, and two live spill workers whose breakers are open, one for a
+        # wedged endpoint and one reporting in the shape a spill worker's heartbeat has …
+        _add_worker(session, worker, route="gpu", models=[alias], stats={})
+        for name in spills:
+            _add_worker(
+                session, name, route="spill", models=[], stats={"spill": {"breaker_open": True}}
+            )
+        # … an `auto` job with 3 shards waiting in spill, an `always` job, and an `auto` job whose
+        # model has no live GPU worker
+        auto = _add_job(session, tenant_id=tenant_id, model=alias)
+        _add_shards(session, auto, range(3), queue=QUEUE_SPILL, enqueued_at=now)
+        always = _add_job(session, tenant_id=tenant_id, model=alias, spill="always")
+        _add_shards(session, always, range(1), queue=QUEUE_SPILL, enqueued_at=now)
+        orphan = _add_job(session, tenant_id=tenant_id, model=dead)
+        _add_shards(session, orphan, range(1), queue=QUEUE_SPILL, enqueued_at=now)
+    before = _decisions("take_back", "spill down")
+    try:
+        # When the router ticks, the `auto` job's shards go back to its GPUs, the others stay
+        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
+        assert [(d.job_id, d.action, sorted(d.shards)) for d in decisions] == [
+            (auto, "take_back", [0, 1, 2])
+        ]
+        assert "breakers are open" in decisions[0].reason
+        assert _queues(sessions, auto) == {0: home, 1: home, 2: home}
+        assert _queues(sessions, always) == {0: QUEUE_SPILL}
+        assert _queues(sessions, orphan) == {0: QUEUE_SPILL}
+        assert _decisions("take_back", "spill down") == before + 1
+        # And once one breaker closes, spill is up again: nothing more moves
+        with sessions.begin() as session:
+            _add_worker(session, spills[0], route="spill", models=[], stats={"spill": {}})
+        with sessions.begin() as session:
+            _add_shards(session, auto, range(3, 4), queue=QUEUE_SPILL, enqueued_at=now)
+        again = route_tick(sessions=sessions, celery=celery, settings=settings)
+        assert [d for d in again if d.job_id == auto] == []
+    finally:
+        with sessions.begin() as session:
+            session.execute(delete(Job).where(Job.id.in_([auto, always, orphan])))
+            session.execute(delete(Worker).where(Worker.name.in_([worker, *spills])))
         for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
             broker.delete(key)
 

@@ -176,6 +176,34 @@ def test_server_errors_are_retried(client: Client, tmp_path: Path, standin: Stan
     assert any(c.status == 500 for c in standin.calls())
 
 
+def _spill_breakers(sessions: sessionmaker[Session]) -> list[bool]:
+    """What the live spill workers' heartbeats say of their circuit breakers (the router reads
+    this to decide whether spill can take work)."""
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    with sessions() as session:
+        stats = session.scalars(
+            select(Worker.stats).where(Worker.route == "spill", Worker.heartbeat_at >= since)
+        ).all()
+    return [bool(s["spill"]["breaker_open"]) for s in stats if "spill" in s]
+
+
+def test_a_failing_managed_api_shows_in_the_spill_workers_heartbeat(
+    client: Client, tmp_path: Path, standin: StandinServer, sessions: sessionmaker[Session]
+) -> None:
+    assert _spill_breakers(sessions) == [False]
+    # Given the managed API answers every call with a 500 …
+    standin.set_faults(error_rate=1.0)
+    job = _submit(client, tmp_path, make_docs(200, seed=8), spill="always")
+    # … the spill worker's breaker opens, and its heartbeat says so
+    wait_until(lambda: _spill_breakers(sessions) == [True], timeout=90, what="breaker open")
+    assert client.job(job["id"])["counts"]["succeeded"] == 0
+    # When it answers again, the job completes (nothing was lost meanwhile) and the breaker closes
+    standin.set_faults()
+    done = wait_for_status(client, job["id"], timeout=180)
+    assert done["counts"]["succeeded"] == 200
+    wait_until(lambda: _spill_breakers(sessions) == [False], timeout=60, what="breaker closed")
+
+
 def test_answers_outside_the_set_fail_after_one_retry(
     client: Client, tmp_path: Path, standin: StandinServer
 ) -> None:

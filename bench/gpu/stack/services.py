@@ -121,6 +121,10 @@ class GpuStack:
         self.engine = make_engine(self.settings)
         self.sessions = make_sessionmaker(self.engine)
         self.client = Client(self.url, key, timeout=600)
+        if self.spill:
+            # The router spills no deadline work until a spill worker is live; one that cannot
+            # build its client exits here (its log says why) instead of failing every shard.
+            self._wait_registered("spill", timeout=120)
         if wait_engine:
             self.wait_engine()
         return self
@@ -167,14 +171,22 @@ class GpuStack:
 
     def wait_engine(self, timeout: float = 600) -> None:
         """The worker is ready when its heartbeat row reports a started engine."""
-        proc = self.procs["worker"]
+        self._wait_registered("worker", timeout=timeout, engines=True)
+
+    def _wait_registered(self, name: str, *, timeout: float, engines: bool = False) -> None:
+        """Until process `name` has a heartbeat row (with a started engine, if `engines`)."""
+        proc = self.procs[name]
 
         def ready() -> bool:
             with self.sessions() as session:
                 rows = session.execute(select(Worker.name, Worker.stats)).all()
-            return any((s or {}).get("engines") and n.endswith(f":{proc.pid}") for n, s in rows)
+            return any(
+                n.endswith(f":{proc.pid}") and (not engines or (s or {}).get("engines"))
+                for n, s in rows
+            )
 
-        wait_until(ready, timeout=timeout, what="the worker's engine", alive=proc, interval=0.5)
+        what = f"the {name} worker" + ("'s engine" if engines else "")
+        wait_until(ready, timeout=timeout, what=what, alive=proc, interval=0.5)
 
     def wait_jobs(self, job_ids: list[str], timeout: float) -> list[dict[str, Any]]:
         """bench/load.py's interface: every job ended (raises after `timeout`)."""
