@@ -50,6 +50,8 @@ class Faults:
     hang_first: int = 0  # the first N calls never get an answer
     hang_rate: float = 0.0  # share of all calls that never get an answer
     hang_seconds: float = 3600.0
+    reject_marker: str = ""  # documents containing it get a 400 (as a too-long prompt would)
+    unauthorized: bool = False  # every call gets a 401 (a wrong or revoked API key)
 
 
 @dataclass
@@ -212,6 +214,14 @@ async def _injected_fault(call: Call, index: int, faults: Faults) -> Response | 
             status_code=429,
             headers={"Retry-After": f"{faults.retry_after:g}"},
         )
+    if faults.unauthorized:
+        call.fault = "unauthorized"
+        error = {"message": "Incorrect API key provided", "code": "invalid_api_key"}
+        return JSONResponse({"error": error}, status_code=401)
+    if faults.reject_marker and faults.reject_marker in call.document:
+        call.fault = "rejected"
+        error = {"message": "This model's maximum context length is exceeded"}
+        return JSONResponse({"error": error}, status_code=400)
     if _every(index, faults.error_rate):
         call.fault = "error"
         return JSONResponse({"error": {"message": "boom"}}, status_code=500)

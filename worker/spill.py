@@ -92,6 +92,11 @@ def check_client(settings: Settings) -> None:
         ) from e
 
 
+class _Rejected(Exception):
+    """The endpoint answered this one request with a 4xx of its own (a prompt too long, say):
+    that document fails with the reason; the route is fine."""
+
+
 class _Transient(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -199,7 +204,10 @@ class SpillClassifier:
         tokens_in = tokens_out = 0
         why = ""
         for _ in range(2):  # an answer outside the label set is asked again once
-            response = await self._call(system, labels, str(doc["text"]))
+            try:
+                response = await self._call(system, labels, str(doc["text"]))
+            except _Rejected as e:
+                return DocResult(id=doc_id, error=f"rejected_by_managed_api: {e}")
             if response.usage:
                 tokens_in += response.usage.prompt_tokens
                 tokens_out += response.usage.completion_tokens
@@ -286,6 +294,21 @@ class SpillClassifier:
         except (openai.APIResponseValidationError, ValueError) as e:  # a body that is not JSON
             self.breaker.failure()
             raise _Transient(f"malformed response: {e}") from e
+        except (
+            openai.AuthenticationError,
+            openai.PermissionDeniedError,
+            openai.NotFoundError,
+        ) as e:
+            # Every call would get the same: the key or the model is wrong. Not retried; the
+            # shard goes back, and the breaker opens, so the router stops sending work here.
+            self.breaker.failure()
+            raise SpillUnavailable(
+                f"the managed API refused the call ({e.status_code}: {_message(e)}): check "
+                "POSTROOM_SPILL_API_KEY, POSTROOM_SPILL_MODEL and POSTROOM_SPILL_BASE_URL"
+            ) from e
+        except openai.APIStatusError as e:  # another 4xx: about this request only
+            self.breaker.success()
+            raise _Rejected(f"{e.status_code}: {_message(e)}") from e
         if not response.choices:
             self.breaker.failure()
             raise _Transient("response without choices")
@@ -299,6 +322,16 @@ def _settled(doc: dict[str, Any], outcome: DocResult | BaseException) -> DocResu
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def _message(error: openai.APIStatusError) -> str:
+    """The endpoint's own words ({"error": {"message": …}}), else the status line."""
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:300]
+    return str(error.message)[:300]
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -187,12 +187,17 @@ def _spill_breakers(sessions: sessionmaker[Session]) -> list[bool]:
     return [bool(s["spill"]["breaker_open"]) for s in stats if "spill" in s]
 
 
+@pytest.mark.parametrize("fault", [{"error_rate": 1.0}, {"unauthorized": True}], ids=["500", "401"])
 def test_a_failing_managed_api_shows_in_the_spill_workers_heartbeat(
-    client: Client, tmp_path: Path, standin: StandinServer, sessions: sessionmaker[Session]
+    client: Client,
+    tmp_path: Path,
+    standin: StandinServer,
+    sessions: sessionmaker[Session],
+    fault: dict[str, Any],
 ) -> None:
     assert _spill_breakers(sessions) == [False]
-    # Given the managed API answers every call with a 500 …
-    standin.set_faults(error_rate=1.0)
+    # Given the managed API answers every call with a 500, or a 401 (a revoked key) …
+    standin.set_faults(**fault)
     job = _submit(client, tmp_path, make_docs(200, seed=8), spill="always")
     # … the spill worker's breaker opens, and its heartbeat says so
     wait_until(lambda: _spill_breakers(sessions) == [True], timeout=90, what="breaker open")
@@ -202,6 +207,23 @@ def test_a_failing_managed_api_shows_in_the_spill_workers_heartbeat(
     done = wait_for_status(client, job["id"], timeout=180)
     assert done["counts"]["succeeded"] == 200
     wait_until(lambda: _spill_breakers(sessions) == [False], timeout=60, what="breaker closed")
+
+
+def test_a_document_the_managed_api_rejects_fails_alone_with_its_reason(
+    client: Client, tmp_path: Path, standin: StandinServer
+) -> None:
+    standin.set_faults(reject_marker="TOOLONG")
+    docs = make_docs(40, seed=9)
+    docs[5]["text"] += " TOOLONG"
+    job = _submit(client, tmp_path, docs, spill="always")
+    done = wait_for_status(client, job["id"], timeout=120)
+    # A 400 is about that request: the document fails with the endpoint's words, once asked
+    assert done["counts"] == {**done["counts"], "succeeded": 39, "failed": 1}
+    failed = {r["id"]: r["error"] for r in client.results(job["id"], only_failed=True)}
+    assert list(failed) == [docs[5]["id"]]
+    assert failed[docs[5]["id"]].startswith("rejected_by_managed_api: 400: ")
+    assert "maximum context length" in failed[docs[5]["id"]]
+    assert len([c for c in standin.calls() if "TOOLONG" in c.document]) == 1
 
 
 def test_answers_outside_the_set_fail_after_one_retry(
