@@ -14,7 +14,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.router import Spilled, plan_deadline, plan_take_back, route_tick
+from control.route_plans import Spilled, plan_deadline, plan_take_back
+from control.router import route_tick
 from postroom.backlog import drain_rates
 from postroom.db.models import Job, Shard, Worker
 from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, queue_depth, trim_queue
