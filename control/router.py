@@ -202,8 +202,8 @@ def _route_job(
             tick.spill_docs += decision.docs
             home = tick.homes.get(job.id)
             tick.backlog += [Spilled(job.id, s, docs_by_shard[s], home) for s in decision.shards]
-    if note or plan.to_spill or job.deadline is not None:
-        # Said again each tick while it holds, cleared (a no-op when clear) once it does not.
+    if note or plan.to_spill or job.router_note is not None:
+        # Said again each tick while it holds (the hold is counted), cleared once it does not.
         _note(sessions, job.id, note)
     moved = decision.shards if decision is not None else []
     # What stays waits on the GPU queue, ahead of the next job's shards.

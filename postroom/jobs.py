@@ -329,6 +329,7 @@ def active_jobs(*, session: Session) -> list[Any]:
                 Job.max_spill_cost,
                 Job.estimate,
                 Job.created_at,
+                Job.router_note,
             )
             .where(Job.status.in_(JOB_ACTIVE))
             .order_by(Job.created_at)
