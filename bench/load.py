@@ -69,9 +69,80 @@ def burst(stack: Stack, path: Path, jobs: int) -> float:
     return jobs * JOB_DOCS / (last - t0)
 
 
-def run_level(
-    stack: Stack, path: Path, rate: float, seconds: float, deadline: float
+def ideal_split(
+    jobs: list[tuple[float, float, int]], *, gpu_rate: float, spill_rate: float
 ) -> dict[str, Any]:
+    """What routing with perfect knowledge could do with these arrivals: (arrival, due, docs) per
+    job in arrival order, times in seconds; the GPU drains `gpu_rate` docs/s, spill `spill_rate`.
+
+    A fluid model. The GPU keeps of each job what it can finish by the job's deadline behind what
+    it kept of earlier jobs (first come, first served, which is earliest deadline first when every
+    job has the same deadline), and the rest is what the deadline needs spilled; spill finishes
+    those parts first come, first served. A job is feasible when its spilled part finishes in time
+    too. An infeasible job is set aside (it takes no capacity from later jobs), so "feasible" is
+    generous and the goal it sets (no feasible job misses) strict. Shards are not modelled.
+    """
+    gpu_free = spill_free = 0.0
+    feasible: list[bool] = []
+    needed = 0.0
+    for arrival, due, docs in jobs:
+        start = max(arrival, gpu_free)
+        kept = min(float(docs), max(0.0, (due - start) * gpu_rate))
+        rest = docs - kept
+        spill_done = max(arrival, spill_free) + rest / spill_rate if rest > 0 else arrival
+        ok = spill_done <= due
+        feasible.append(ok)
+        if ok:
+            gpu_free = start + kept / gpu_rate
+            spill_free = spill_done if rest > 0 else spill_free
+            needed += rest
+    return {"feasible": feasible, "spill_needed_docs": round(needed)}
+
+
+def judge_deadlines(
+    results: list[dict[str, Any]], *, gpu_rate: float, spill_rate: float
+) -> dict[str, Any]:
+    """Each finished job against `ideal_split`: how many could have met their deadline, how many
+    of those missed it, and the share of documents the deadlines needed spilled."""
+
+    def at(job: dict[str, Any], key: str) -> float:
+        return datetime.fromisoformat(job[key]).timestamp()
+
+    ordered = sorted(results, key=lambda j: at(j, "created_at"))
+    ideal = ideal_split(
+        [(at(j, "created_at"), at(j, "deadline"), j["counts"]["total"]) for j in ordered],
+        gpu_rate=gpu_rate,
+        spill_rate=spill_rate,
+    )
+    missed = [at(j, "finished_at") > at(j, "deadline") for j in ordered]
+    docs = sum(j["counts"]["total"] for j in ordered)
+    return {
+        "feasible_jobs": sum(ideal["feasible"]),
+        "feasible_misses": sum(f and m for f, m in zip(ideal["feasible"], missed, strict=True)),
+        "spill_needed_share": round(ideal["spill_needed_docs"] / docs, 3) if docs else 0.0,
+        "ideal_rates": {"gpu": round(gpu_rate, 1), "spill": round(spill_rate, 1)},
+    }
+
+
+def spill_capacity(settings: Any, latency: float, spill_workers: int = 1) -> float:
+    """Docs/s the spill route can finish against a stand-in answering in `latency` s: each spill
+    worker keeps POSTROOM_SPILL_CONCURRENCY calls in flight (Little's law; bench/spill.py measured
+    0.93-0.97 of it)."""
+    return spill_workers * settings.spill_concurrency / latency
+
+
+def run_level(
+    stack: Stack,
+    path: Path,
+    rate: float,
+    seconds: float,
+    deadline: float,
+    *,
+    gpu_rate: float,
+    spill_rate: float,
+) -> dict[str, Any]:
+    """Jobs offered at `rate` docs/s for `seconds`, each due `deadline` s after it arrives; judged
+    against what the GPU (`gpu_rate`, its measured peak) and spill (`spill_rate`) could do."""
     interval = JOB_DOCS / rate
     jobs: list[str] = []
     series: list[dict[str, float]] = []
@@ -130,10 +201,30 @@ def run_level(
         else 0.0,
         "spill_share": round(spilled / docs, 3) if docs else 0.0,
         "deadline_misses": missed,
+        **judge_deadlines(results, gpu_rate=gpu_rate, spill_rate=spill_rate),
         "failed": failed,
         "lost": docs - done - failed,
         "series": series,
+        "job_times": _job_times(results),
     }
+
+
+def _job_times(results: list[dict[str, Any]]) -> list[list[float]]:
+    """[arrived, due, finished] (s after the first arrival), documents and documents spilled,
+    per job: enough to judge the level again with other rates."""
+
+    def at(job: dict[str, Any], key: str) -> float:
+        return datetime.fromisoformat(job[key]).timestamp()
+
+    t0 = min((at(j, "created_at") for j in results), default=0.0)
+    return [
+        [
+            *(round(at(j, key) - t0, 3) for key in ("created_at", "deadline", "finished_at")),
+            j["counts"]["total"],
+            j["counts"]["spilled"],
+        ]
+        for j in sorted(results, key=lambda j: at(j, "created_at"))
+    ]
 
 
 def rate_series(series: list[dict[str, float]], key: str, window: int = 10) -> list[float]:
@@ -208,7 +299,15 @@ def main() -> None:
             stack.run_job(path, JOB_DOCS, spill="never")  # warm-up
             peak = max(burst(stack, path, BURST_JOBS) for _ in range(2))
             for multiplier in (float(m) for m in args.levels.split(",")):
-                level = run_level(stack, path, peak * multiplier, args.seconds, args.deadline)
+                level = run_level(
+                    stack,
+                    path,
+                    peak * multiplier,
+                    args.seconds,
+                    args.deadline,
+                    gpu_rate=peak,
+                    spill_rate=spill_capacity(stack.settings, args.latency),
+                )
                 levels.append({"multiplier": multiplier, **level})
     finally:
         standin.stop()
@@ -218,14 +317,16 @@ def main() -> None:
     )
     print_table(
         f"{'load':>5} {'offered/s':>10} {'jobs':>5} {'docs':>7} {'done in':>8} {'docs/s':>8} "
-        f"{'GPU/s':>6} {'peak queue':>11} {'GPU idle':>9} {'spill':>6} {'missed':>7} "
-        f"{'failed':>7} {'lost':>5}",
+        f"{'GPU/s':>6} {'peak queue':>11} {'GPU idle':>9} {'spill':>6} {'needed':>7} "
+        f"{'missed':>7} {'feasible missed':>16} {'failed':>7} {'lost':>5}",
         (
             f"{lv['multiplier']:>4g}x {lv['offered_docs_per_s']:>10,.0f} {lv['jobs']:>5} "
             f"{lv['docs']:>7,} {lv['completion_s']:>7.0f}s {lv['throughput_docs_per_s']:>8,.0f} "
             f"{lv['gpu_docs_per_s']:>6,.0f} {lv['peak_queue_docs']:>11,} "
             f"{lv['gpu_idle_while_backlog']:>9.1%} {lv['spill_share']:>6.1%} "
-            f"{lv['deadline_misses']:>4}/{lv['jobs']:<2} {lv['failed']:>7} {lv['lost']:>5}"
+            f"{lv['spill_needed_share']:>7.1%} {lv['deadline_misses']:>4}/{lv['jobs']:<2} "
+            f"{lv['feasible_misses']:>12}/{lv['feasible_jobs']:<3} "
+            f"{lv['failed']:>7} {lv['lost']:>5}"
             for lv in levels
         ),
     )

@@ -5,8 +5,10 @@ finish them sooner.
 - `always`: every unclaimed shard spills. `never`: none, ever.
 - `auto`: all unclaimed shards spill when no GPU worker serving the job's model has sent a heartbeat
   for `gpu_dead_after` seconds. Otherwise a shard goes where it would finish sooner. Each route's
-  drain rate is measured (documents finished on it in the last `router_drain_window_seconds`); a
-  shard's finish on a route is (documents ahead of it there + its own) / that rate. A shard of a
+  drain rate is measured (documents finished on it in the last `router_drain_window_seconds`);
+  spill's is at least the capacity its workers report (slots over seconds a call holds one), as a
+  route that is sent little drains little; a shard's finish on a route is (documents ahead of it
+  there + its own) / that rate. A shard of a
   job with a deadline stays on the GPUs if they finish it in time; if not, it spills only when the
   managed API would finish it `router_spill_margin` times sooner (until spill has finished
   something in the window it counts as instant: what the GPUs cannot finish in time spills).
@@ -106,9 +108,12 @@ def route_tick(
 def _look(session: Session, settings: Settings, now: datetime) -> _Tick:
     since = now - timedelta(seconds=settings.gpu_dead_after)
     alive = _alive_aliases(session, since)
-    rates, spill_rate = drain_rates(
+    rates, measured = drain_rates(
         session=session, now=now, window=settings.router_drain_window_seconds
     )
+    spill_down, capacity = _spill_health(session, since, settings.gpu_dead_after)
+    # Spill's drain rate is what it was sent; while it is not full, its capacity says more.
+    spill_rate = max(measured or 0.0, capacity) or None
     jobs = active_jobs(session=session)
     waiting = unclaimed_by_job(session=session, job_ids=[j.id for j in jobs])
     ahead = running_docs(session=session)
@@ -129,7 +134,7 @@ def _look(session: Session, settings: Settings, now: datetime) -> _Tick:
         backlog=backlog,
         spill_running=spill_running,
         spill_docs=spill_running + sum(s.docs for s in backlog),
-        spill_down=_spill_down(session, since, settings.gpu_dead_after),
+        spill_down=spill_down,
     )
 
 
@@ -255,16 +260,23 @@ def _alive_aliases(session: Session, since: datetime) -> set[str]:
     return {alias for models in rows for alias in models}
 
 
-def _spill_down(session: Session, since: datetime, dead_after: int) -> str | None:
-    """Why the spill route cannot take work now, or None when it can."""
+def _spill_health(session: Session, since: datetime, dead_after: int) -> tuple[str | None, float]:
+    """Why the spill route cannot take work now (None when it can), and the docs/s its live
+    workers with a closed breaker report they finish when full (0: none reported yet)."""
     stats = session.scalars(
         select(Worker.stats).where(Worker.route == "spill", Worker.heartbeat_at >= since)
     ).all()
+    spill = [(s or {}).get("spill") or {} for s in stats]
+    up = [w for w in spill if not w.get("breaker_open")]
+    capacity = sum(float(w.get("capacity_docs_per_s") or 0.0) for w in up)
     if not stats:
-        return f"no spill worker sent a heartbeat in {dead_after}s"
-    if all((s or {}).get("spill", {}).get("breaker_open") for s in stats):
-        return f"the managed API keeps failing: all {len(stats)} spill workers' breakers are open"
-    return None
+        return f"no spill worker sent a heartbeat in {dead_after}s", 0.0
+    if not up:
+        return (
+            f"the managed API keeps failing: all {len(stats)} spill workers' breakers are open",
+            0.0,
+        )
+    return None, capacity
 
 
 def _within_budget(

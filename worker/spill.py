@@ -136,6 +136,17 @@ class CircuitBreaker:
             logger.warning("circuit breaker opened after %d failures", self.consecutive)
 
 
+class Ewma:
+    """An exponentially weighted moving average (None until the first value)."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
 class SpillClassifier:
     route = "spill"
 
@@ -153,6 +164,7 @@ class SpillClassifier:
         self._not_before = 0.0  # monotonic time before which no request may go out (Retry-After)
         self._client: openai.AsyncOpenAI | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._slot_seconds = Ewma(alpha=0.05)  # how long a call holds one of the slots
         self.calls = 0
 
     def _ensure(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
@@ -164,8 +176,17 @@ class SpillClassifier:
 
     def health(self) -> dict[str, Any]:
         """For the heartbeat: the router sends no deadline work to a route whose breakers are all
-        open, and takes its unclaimed shards back to live GPUs."""
-        return {"breaker_open": self.breaker.is_open, "calls": self.calls}
+        open, and takes its unclaimed shards back to live GPUs. `capacity_docs_per_s` is what
+        this process finishes when its slots are full (Little's law: slots over the seconds a
+        call holds one, Retry-After waits included); the router plans with it, since spill's
+        measured drain rate is only what it was sent."""
+        held = self._slot_seconds.value
+        capacity = self.settings.spill_concurrency / held if held else None
+        return {
+            "breaker_open": self.breaker.is_open,
+            "calls": self.calls,
+            "capacity_docs_per_s": round(capacity, 1) if capacity else None,
+        }
 
     def classify(
         self, *, job_id: uuid.UUID, spec: JobSpec, shard: str, docs: Sequence[dict[str, Any]]
@@ -250,10 +271,14 @@ class SpillClassifier:
                 with attempt:
                     self.breaker.check()
                     async with sem:
-                        # After taking a slot, so requests queued for one also wait out a
-                        # Retry-After that arrived while they queued.
-                        await self._respect_retry_after()
-                        return await self._request(client, system, labels, text)
+                        started = time.monotonic()
+                        try:
+                            # After taking a slot, so requests queued for one also wait out a
+                            # Retry-After that arrived while they queued.
+                            await self._respect_retry_after()
+                            return await self._request(client, system, labels, text)
+                        finally:
+                            self._slot_seconds.add(time.monotonic() - started)
         except _Transient as e:
             raise SpillUnavailable(
                 f"managed API unavailable after {s.spill_max_tries} tries: {e}"

@@ -441,6 +441,56 @@ def test_spilled_shards_go_back_to_live_gpus_while_every_spill_breaker_is_open(
             broker.delete(key)
 
 
+def test_a_spill_route_sent_little_is_planned_at_the_capacity_its_workers_report(
+    private_db: tuple[sessionmaker[Session], Settings],
+    celery: Celery,
+    broker: redis.Redis,
+) -> None:
+    sessions, settings = private_db
+    alias = f"router-{uuid.uuid4().hex[:8]}"
+    home = gpu_queue(alias)
+    worker, spill_worker = f"gpu@router-test:{alias}", f"spill@router-test:{alias}"
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
+        # Given GPUs that drained 1,000 docs/s (100 s of work waiting) and a spill route that
+        # finished only the 20 docs it was sent, but whose worker reports 500 docs/s when full …
+        _add_worker(session, worker, route="gpu", models=[alias], stats={})
+        report = {"spill": {"breaker_open": False, "capacity_docs_per_s": 500.0}}
+        _add_worker(session, spill_worker, route="spill", models=[], stats=report)
+        history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
+        done = {"state": "done", "finished_at": now, "started_at": now - timedelta(seconds=60)}
+        _add_shards(session, history, range(1), docs=60_000, queue=home, route="gpu", **done)
+        _add_shards(
+            session, history, range(1, 2), docs=20, queue=QUEUE_SPILL, route="spill", **done
+        )
+        busy = _add_job(session, tenant_id=tenant_id, model=alias)
+        _add_shards(session, busy, range(1), docs=100_000, queue=home, enqueued_at=now)
+        # … and 4 shards of an `auto` job waiting in spill (400 docs: under a second there at
+        # 500 docs/s, 400 s at the measured 1 doc/s; 100 s behind the GPUs' backlog)
+        auto = _add_job(session, tenant_id=tenant_id, model=alias)
+        _add_shards(session, auto, range(4), queue=QUEUE_SPILL, enqueued_at=now)
+    try:
+        # When the router ticks, they stay on spill
+        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
+        assert [d for d in decisions if d.job_id == auto] == []
+        assert set(_queues(sessions, auto).values()) == {QUEUE_SPILL}
+        # And without the report, the drain rate alone (20 docs over the window) makes the GPUs
+        # look sooner even 100 s behind: all four go back there
+        with sessions.begin() as session:
+            _add_worker(session, spill_worker, route="spill", models=[], stats={})
+        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
+        assert [(d.job_id, d.action, sorted(d.shards)) for d in decisions] == [
+            (auto, "take_back", [0, 1, 2, 3])
+        ]
+    finally:
+        with sessions.begin() as session:
+            session.execute(delete(Job).where(Job.id.in_([history, busy, auto])))
+            session.execute(delete(Worker).where(Worker.name.in_([worker, spill_worker])))
+        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
+            broker.delete(key)
+
+
 def test_a_route_that_started_within_the_window_is_measured_from_its_start(
     sessions: sessionmaker[Session],
 ) -> None:

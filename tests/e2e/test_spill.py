@@ -97,7 +97,9 @@ def _s3_ids(storage: Storage, sessions: sessionmaker[Session], job_id: str) -> l
     return ids
 
 
-def test_no_gpu_worker_means_everything_spills(client: Client, tmp_path: Path) -> None:
+def test_no_gpu_worker_means_everything_spills(
+    client: Client, tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
     job = _submit(client, tmp_path, make_docs(2000), model=DEAD)
     assert job["estimate"]["docs"] == 2000
     assert job["estimate"]["spill"]["cost"] > 0
@@ -109,6 +111,15 @@ def test_no_gpu_worker_means_everything_spills(client: Client, tmp_path: Path) -
     assert done["spend"]["spill"]["docs"] == 2000
     assert done["spend"]["spill"]["cost"] > 0
     assert done["spend"]["per_1000_docs"] > 0
+    # The spill worker's heartbeat now reports what it finishes when full (the router plans
+    # spill with it)
+    wait_until(lambda: _spill_capacity(sessions) > 0, timeout=30, what="spill capacity reported")
+
+
+def _spill_capacity(sessions: sessionmaker[Session]) -> float:
+    with sessions() as session:
+        stats = session.scalars(select(Worker.stats).where(Worker.route == "spill")).all()
+    return sum(float((s.get("spill") or {}).get("capacity_docs_per_s") or 0) for s in stats)
 
 
 def _docs_per_s(job: dict[str, Any]) -> float:

@@ -136,6 +136,10 @@ def fault_rows(shape: str, r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def load_rows(shape: str, r: dict[str, Any]) -> list[str]:
     load = r.get("load") or {}
     rows = []
@@ -146,7 +150,9 @@ def load_rows(shape: str, r: dict[str, Any]) -> list[str]:
             f"{lv['offered_docs_per_s']} | {lv['jobs']} | {lv['docs']} | {lv['completion_s']} | "
             f"{lv['throughput_docs_per_s']} | {lv['gpu_docs_per_s']} | {spill} | "
             f"{lv['peak_queue_docs']} | {lv['gpu_idle_while_backlog']:.1%} | "
-            f"{lv['spill_share']:.1%} | {lv['deadline_misses']}/{lv['jobs']} | {lv['failed']} | "
+            f"{lv['spill_share']:.1%} | {_share(lv.get('spill_needed_share'))} | "
+            f"{lv['deadline_misses']}/{lv['jobs']} | "
+            f"{lv.get('feasible_misses', '-')}/{lv.get('feasible_jobs', '-')} | {lv['failed']} | "
             f"{lv['lost']} |"
         )
     return rows
@@ -179,9 +185,9 @@ def table(report: dict[str, Any]) -> str:
         lines += [
             "",
             "| shape | load x peak | offered docs/s | jobs | docs | done in s | docs/s | GPU | "
-            "spill | peak queue | GPU idle while work waits | spill share | deadline misses | "
-            "failed | lost |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "spill | peak queue | GPU idle while work waits | spill share | spill the deadlines "
+            "needed | deadline misses | missed / feasible | failed | lost |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *loads,
         ]
     return "\n".join(lines)

@@ -57,13 +57,21 @@ def run_load(
     for multiplier in (float(m) for m in opts.load.split(",")):
         started = time.monotonic()
         level = levels_of.run_level(
-            stack, path, peak * multiplier, opts.load_seconds, opts.load_deadline
+            stack,
+            path,
+            peak * multiplier,
+            opts.load_seconds,
+            opts.load_deadline,
+            gpu_rate=peak,
+            spill_rate=levels_of.spill_capacity(stack.settings, opts.load_latency),
         )
         levels.append({"multiplier": multiplier, **level})
         log(
             f"   load {multiplier:g}x: {level['throughput_docs_per_s']} docs/s "
             f"(GPU {level['gpu_docs_per_s']}), spill {level['spill_share']:.1%}, "
-            f"missed {level['deadline_misses']}/{level['jobs']}, lost {level['lost']} "
+            f"missed {level['deadline_misses']}/{level['jobs']} "
+            f"(feasible {level['feasible_misses']}/{level['feasible_jobs']}), "
+            f"needed spill {level['spill_needed_share']:.1%}, lost {level['lost']} "
             f"({time.monotonic() - started:.0f}s)"
         )
         save(out)
