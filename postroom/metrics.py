@@ -74,7 +74,7 @@ SHARD_SECONDS = Histogram(
 SHARDS = Counter(
     "postroom_shards_total",
     "Shards a worker stopped working, by route and outcome (committed, lease_lost, split, "
-    "released: given back after a transient error)",
+    "released: given back after a transient error, failed_attempt: raised)",
     ["route", "outcome"],
 )
 

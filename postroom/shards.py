@@ -64,6 +64,7 @@ class Claimed:
     attempt: int
     crashes: int
     queue: str
+    error: str | None = None  # what the last failed attempt raised (None: it died or hung)
 
 
 def claim_shard(
@@ -100,7 +101,7 @@ def claim_shard(
             worker=worker,
             started_at=func.now(),
         )
-        .returning(Shard.attempt, Shard.releases, Shard.queue)
+        .returning(Shard.attempt, Shard.releases, Shard.queue, Shard.error)
     ).one_or_none()
     if attempt is not None:
         session.execute(
@@ -117,7 +118,8 @@ def claim_shard(
         )
     if attempt is None:
         return None
-    return Claimed(attempt=attempt[0], crashes=attempt[0] - 1 - attempt[1], queue=attempt[2])
+    number, releases, queue, error = attempt
+    return Claimed(attempt=number, crashes=number - 1 - releases, queue=queue, error=error)
 
 
 def claim_next_of_job(
@@ -195,6 +197,25 @@ def release_shard(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt
         update(Shard)
         .where(_held(job_id, shard_no, attempt))
         .values(state=ShardState.queued, lease_until=None, worker=None, releases=Shard.releases + 1)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def fail_attempt(
+    *, session: Session, job_id: uuid.UUID, shard_no: int, attempt: int, error: str
+) -> bool:
+    """End an attempt that raised (not transiently): the shard is claimable at once, as if its
+    lease had run out, the attempt counts like a crash, and `error` says why. False: not held."""
+    result = session.execute(
+        update(Shard)
+        .where(_held(job_id, shard_no, attempt))
+        .values(
+            state=ShardState.expired,
+            lease_until=None,
+            worker=None,
+            enqueued_at=None,
+            error=error[:2000],
+        )
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 

@@ -26,22 +26,21 @@ from postroom.keys import input_shard_key, result_shard_key
 from postroom.logs import bound
 from postroom.metrics import SHARDS, observe_shard
 from postroom.policy import ClaimContended, claim_best
-from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task, publish_and_record
+from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task
 from postroom.results import result_line, upsert_results
-from postroom.shard_numbers import child_shard_nos
 from postroom.shards import (
     Claimed,
     claim_shard,
     finish_shard,
     mark_results_written,
     release_shard,
-    split_shard,
 )
 from postroom.storage import StorageError
 from worker.batch_spill import submit_batch, wants_batch
 from worker.cascade import CascadeOutcome, escalate
 from worker.classifier import ModelNotHosted
 from worker.label_check import check_labels
+from worker.poison import fail_shard, split_poison_shard
 from worker.runtime import Runtime, get_runtime
 from worker.spill import SpillUnavailable
 
@@ -171,6 +170,11 @@ def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
     except TRANSIENT:
         _release(runtime, run)
         raise
+    except EngineDeadError:
+        raise  # the process exits; the lease runs out and the reaper hands the shard on
+    except Exception as e:
+        fail_shard(runtime, run, e, celery)
+        raise
     finally:
         runtime.drop(job_id, shard_no)
     return _done(runtime, run)
@@ -220,10 +224,12 @@ def _classify(
     runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]], *, poison: bool
 ) -> list[DocResult]:
     if poison:
-        reason = (
-            f"poison: this document crashed or hung the worker {run.claimed.crashes} time(s); "
-            "it was isolated from its shard and skipped"
+        what = (
+            f"raised {run.claimed.error}"
+            if run.claimed.error
+            else f"crashed or hung the worker {run.claimed.crashes} time(s)"
         )
+        reason = f"poison: this document {what}; it was isolated from its shard and skipped"
         return [DocResult(id=str(d["id"]), error=reason) for d in docs]
     if run.order.status == JobStatus.cancelled:
         return [DocResult(id=str(d["id"]), error="cancelled") for d in docs]
@@ -232,6 +238,10 @@ def _classify(
     if marker and any(marker in str(d["text"]) for d in docs):
         # Fault injection (tests only): this document "crashes the engine".
         raise EngineDeadError("fault injection: poison document")
+    marker = runtime.settings.fault_raise_marker
+    if marker and any(marker in str(d["text"]) for d in docs):
+        # Fault injection (tests only): a document the classifier cannot handle.
+        raise ValueError("fault injection: a document the classifier cannot handle")
     shard = f"{run.job_id}/{run.shard_no}"
     results = runtime.classifier.classify(job_id=run.job_id, spec=run.spec, shard=shard, docs=docs)
     results = check_labels(run.spec, results)
@@ -350,43 +360,3 @@ def _done(runtime: Runtime, run: ShardRun) -> dict[str, Any]:
         ended - marks["committed"],
     )
     return {"claimed": True, "committed": True, "docs": len(results), "failed": failed}
-
-
-def split_poison_shard(
-    runtime: Runtime, run: ShardRun, docs: list[dict[str, Any]], celery: Celery
-) -> dict[str, Any]:
-    """Replace a shard that keeps killing workers by up to `split_fanout` parts, to corner the
-    poison. Parts run alone in their worker (see Runtime.exclusive), so a crash is theirs.
-
-    Child inputs are written under deterministic keys before the fenced commit, so a crash in
-    between leaves the parent to expire and split again into the same children.
-    """
-    job_id, queue = run.job_id, run.claimed.queue
-    fanout = runtime.settings.split_fanout
-    count = min(fanout, len(docs))
-    parts = [docs[i * len(docs) // count : (i + 1) * len(docs) // count] for i in range(count)]
-    children = child_shard_nos(
-        run.shard_no, shard_count=run.order.shard_count, fanout=fanout, parts=count
-    )
-    for child, part in zip(children, parts, strict=True):
-        runtime.storage.put_jsonl(input_shard_key(job_id, child), part)
-    with runtime.sessions.begin() as session:
-        created = split_shard(
-            session=session,
-            job_id=job_id,
-            shard_no=run.shard_no,
-            attempt=run.claimed.attempt,
-            children=children,
-            child_sizes=[len(p) for p in parts],
-            queue=queue,
-        )
-    if not created:
-        return {"claimed": True, "committed": False}
-    SHARDS.labels(runtime.route, "split").inc()
-    publish_and_record(celery, runtime.sessions, [(job_id, child, queue) for child in created])
-    logger.warning(
-        "shard crashed %d workers: split into %s to isolate the poison",
-        run.claimed.crashes,
-        created,
-    )
-    return {"claimed": True, "split": created}

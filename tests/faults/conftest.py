@@ -28,6 +28,7 @@ from tests.stack import new_key, spawn_api, stack_settings, wait_api, worker_rea
 from tests.waiting import wait_until
 
 POISON = "\u2620POISON\u2620"
+RAISES = "\u26a0RAISES\u26a0"  # a document the classifier raises on (not a crash)
 # A registry alias no GPU worker of the stack serves: its jobs can only go through the spill route.
 SPILL_ONLY = "managed"
 
@@ -100,6 +101,7 @@ class FaultStack:
             aliases=[SPILL_ONLY],
             worker_models=["tiny"],
             fault_poison_marker=POISON,
+            fault_raise_marker=RAISES,
             worker_metrics_port=0,
             **SHARDS,
             **LEASES,

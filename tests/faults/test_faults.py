@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from postroom.db.models import Result, Shard
-from tests.faults.conftest import SPILL_ONLY, FaultStack, Size
+from tests.faults.conftest import RAISES, SPILL_ONLY, FaultStack, Size
 from tests.faults.invariants import check
 from tests.waiting import wait_until
 
@@ -202,6 +202,31 @@ def test_poison_document_is_isolated(fault_stack: FaultStack) -> None:
     assert failed[0]["error"].startswith("poison:")
     job = fault_stack.client.job(str(job_id))
     assert job["counts"] == {**job["counts"], "succeeded": 199, "failed": 1, "pending": 0}
+
+
+def test_a_document_the_classifier_raises_on_is_isolated_and_says_why(
+    fault_stack: FaultStack,
+) -> None:
+    started = time.monotonic()
+    job_id, ids = fault_stack.submit(200, seed=11, marks={57: RAISES})
+    _verify(fault_stack, "raising document", {job_id: ids}, started=started)
+    failed = list(fault_stack.client.results(str(job_id), only_failed=True))
+    assert [r["id"] for r in failed] == ["f11-000057"]
+    # The attempts that raised were counted like crashes (the split found the document), and
+    # its reason names what it raised rather than a crash
+    assert failed[0]["error"].startswith("poison: this document raised ValueError: ")
+    assert "cannot handle" in failed[0]["error"]
+    job = fault_stack.client.job(str(job_id))
+    assert job["counts"] == {**job["counts"], "succeeded": 199, "failed": 1, "pending": 0}
+    # The worker said what it raised, and split the shard to find the document
+    log = fault_stack.worker.log.read_text(errors="replace")
+    assert "ValueError: fault injection" in log
+    assert "split into" in log
+    with fault_stack.sessions() as session:
+        errors = session.scalars(
+            select(Shard.error).where(Shard.job_id == job_id, Shard.error.is_not(None))
+        ).all()
+    assert any(e.startswith("ValueError: fault injection") for e in errors), errors
 
 
 # A steady mix of managed-API faults for the whole run (shares of all calls, so they keep coming
