@@ -4,6 +4,8 @@ Postgres and Redis."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -269,33 +271,75 @@ def _router_note(sessions: sessionmaker[Session], job_id: uuid.UUID) -> str | No
         return session.scalar(select(Job.router_note).where(Job.id == job_id))
 
 
-def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
-    private_db: tuple[sessionmaker[Session], Settings],
-    celery: Celery,
-    broker: redis.Redis,
-) -> None:
-    # The tick decides for every job: other tests' jobs in the shared database would be routed too.
+@dataclass
+class Scene:
+    """A tick's world of one test: a private database (the tick decides for every job, so other
+    tests' jobs would be routed too), a model alias and its GPU queue, a tenant, and the names of
+    a GPU and a spill worker (registered by the test that wants them)."""
+
+    sessions: sessionmaker[Session]
+    settings: Settings
+    celery: Celery
+    alias: str
+    tenant_id: uuid.UUID
+    now: datetime
+
+    @property
+    def home(self) -> str:
+        return gpu_queue(self.alias)
+
+    @property
+    def gpu(self) -> str:
+        return f"gpu@router-test:{self.alias}"
+
+    @property
+    def spill(self) -> str:
+        return f"spill@router-test:{self.alias}"
+
+    def job(self, session: Session, **values: Any) -> uuid.UUID:
+        values.setdefault("model", self.alias)
+        return _add_job(session, tenant_id=self.tenant_id, **values)
+
+    def tick(self) -> list[Any]:
+        return route_tick(sessions=self.sessions, celery=self.celery, settings=self.settings)
+
+
+@pytest.fixture
+def scene(
+    private_db: tuple[sessionmaker[Session], Settings], celery: Celery, broker: redis.Redis
+) -> Iterator[Scene]:
     sessions, settings = private_db
     alias = f"router-{uuid.uuid4().hex[:8]}"
-    home = gpu_queue(alias)
-    worker, spill_worker = f"gpu@router-test:{alias}", f"spill@router-test:{alias}"
-    now = datetime.now(UTC)
     with sessions.begin() as session:
         tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
+    prefix = settings.broker_key_prefix
+    spill_before = queue_depth(broker, QUEUE_SPILL, prefix=prefix)
+    world = Scene(sessions, settings, celery, alias, tenant_id, datetime.now(UTC))
+    yield world
+    # The database goes with private_db; the doorbells the ticks rang stay in the shared broker.
+    for key in broker.scan_iter(match=f"{prefix}*{world.home}*"):
+        broker.delete(key)
+    spilled = queue_depth(broker, QUEUE_SPILL, prefix=prefix) - spill_before
+    trim_queue(broker, QUEUE_SPILL, spilled, prefix=prefix)
+
+
+def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
+    scene: Scene, broker: redis.Redis
+) -> None:
+    sessions, home, now = scene.sessions, scene.home, scene.now
+    with sessions.begin() as session:
         # Given a live GPU worker for the model, which finished 100,000 docs in the window …
-        _add_worker(session, worker, route="gpu", models=[alias], stats={})
-        _add_worker(session, spill_worker, route="spill", models=[], stats={})
-        history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
+        _add_worker(session, scene.gpu, route="gpu", models=[scene.alias], stats={})
+        _add_worker(session, scene.spill, route="spill", models=[], stats={})
+        history = scene.job(session, status="completed")
         done = {"state": "done", "finished_at": now}
         _add_shards(session, history, range(1), docs=100_000, queue=home, route="gpu", **done)
-        # … a spill route that finished 20 docs in the window (this run's other spills aside) …
+        # … a spill route that finished 20 docs in the window …
         _add_shards(
             session, history, range(1, 2), docs=20, queue=QUEUE_SPILL, route="spill", **done
         )
         # … an `auto` job past its deadline, 4 shards waiting in spill and one a spill worker holds
-        auto = _add_job(
-            session, tenant_id=tenant_id, model=alias, deadline=now - timedelta(seconds=1)
-        )
+        auto = scene.job(session, deadline=now - timedelta(seconds=1))
         _add_shards(session, auto, range(4), queue=QUEUE_SPILL, enqueued_at=now)
         _add_shards(
             session,
@@ -307,188 +351,124 @@ def test_an_idle_gpu_takes_back_unclaimed_auto_shards_from_a_slow_spill_queue(
             lease_until=now + timedelta(minutes=5),
         )
         # … and an `always` job waiting in spill too
-        always = _add_job(session, tenant_id=tenant_id, model=alias, spill="always")
+        always = scene.job(session, spill="always")
         _add_shards(session, always, range(2), queue=QUEUE_SPILL, enqueued_at=now)
     before = _take_backs()
-    try:
-        # When the router ticks
-        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
-        # Then the unclaimed `auto` shards go back to the GPU queue, with a message there each
-        assert [(d.job_id, d.action, d.shards) for d in decisions] == [
-            (auto, "take_back", [0, 1, 2, 3])
-        ]
-        assert _queues(sessions, auto) == {0: home, 1: home, 2: home, 3: home, 4: QUEUE_SPILL}
-        assert _queues(sessions, always) == {0: QUEUE_SPILL, 1: QUEUE_SPILL}
-        assert queue_depth(broker, home, prefix=settings.broker_key_prefix) == 4
-        assert _take_backs() == before + 1
-        # And the next tick, with the same numbers, leaves them there (no ping-pong) although
-        # the job's deadline has passed
-        again = route_tick(sessions=sessions, celery=celery, settings=settings)
-        assert [d for d in again if d.job_id in (auto, always)] == []
-        assert _queues(sessions, auto) == {0: home, 1: home, 2: home, 3: home, 4: QUEUE_SPILL}
-    finally:
-        with sessions.begin() as session:
-            session.execute(delete(Job).where(Job.id.in_([history, auto, always])))
-            session.execute(delete(Worker).where(Worker.name.in_([worker, spill_worker])))
-        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
-            broker.delete(key)
+    # When the router ticks
+    decisions = scene.tick()
+    # Then the unclaimed `auto` shards go back to the GPU queue, with a message there each
+    assert [(d.job_id, d.action, d.shards) for d in decisions] == [
+        (auto, "take_back", [0, 1, 2, 3])
+    ]
+    assert _queues(sessions, auto) == {0: home, 1: home, 2: home, 3: home, 4: QUEUE_SPILL}
+    assert _queues(sessions, always) == {0: QUEUE_SPILL, 1: QUEUE_SPILL}
+    assert queue_depth(broker, home, prefix=scene.settings.broker_key_prefix) == 4
+    assert _take_backs() == before + 1
+    # And the next tick, with the same numbers, leaves them there (no ping-pong) although the
+    # job's deadline has passed
+    assert [d for d in scene.tick() if d.job_id in (auto, always)] == []
+    assert _queues(sessions, auto) == {0: home, 1: home, 2: home, 3: home, 4: QUEUE_SPILL}
 
 
-def test_deadline_work_waits_for_the_gpus_while_no_spill_worker_is_live(
-    private_db: tuple[sessionmaker[Session], Settings],
-    celery: Celery,
-    broker: redis.Redis,
-) -> None:
-    sessions, settings = private_db
-    alias = f"router-{uuid.uuid4().hex[:8]}"
-    home = gpu_queue(alias)
-    worker, spill_worker = f"gpu@router-test:{alias}", f"spill@router-test:{alias}"
-    now = datetime.now(UTC)
+def test_deadline_work_waits_for_the_gpus_while_no_spill_worker_is_live(scene: Scene) -> None:
+    sessions, home, now = scene.sessions, scene.home, scene.now
     with sessions.begin() as session:
-        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
         # Given a live GPU worker that drains ~100 docs/s, no spill worker at all …
-        _add_worker(session, worker, route="gpu", models=[alias], stats={})
-        history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
+        _add_worker(session, scene.gpu, route="gpu", models=[scene.alias], stats={})
+        history = scene.job(session, status="completed")
         done = {"state": "done", "route": "gpu", "finished_at": now, "queue": home}
         _add_shards(session, history, range(1), docs=6000, **done)
         # … and a job of 8 x 100 docs due in 2 s, which the GPUs cannot finish in time
-        job = _add_job(
-            session, tenant_id=tenant_id, model=alias, deadline=now + timedelta(seconds=2)
-        )
+        job = scene.job(session, deadline=now + timedelta(seconds=2))
         _add_shards(session, job, range(8), queue=home, enqueued_at=now)
     held = _decisions("hold", "spill down")
-    spilled = 0
-    try:
-        # When the router ticks, nothing spills: there is nobody to run it there
-        assert list(route_tick(sessions=sessions, celery=celery, settings=settings)) == []
-        assert set(_queues(sessions, job).values()) == {home}
-        note = _router_note(sessions, job) or ""
-        assert note.startswith("deadline at risk:"), note
-        assert "no spill worker sent a heartbeat" in note
-        assert _decisions("hold", "spill down") == held + 1
-        # Once a spill worker is live, the next tick spills what the GPUs cannot finish, and the
-        # note is cleared
-        with sessions.begin() as session:
-            _add_worker(session, spill_worker, route="spill", models=[], stats={})
-        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
-        assert [(d.job_id, d.action) for d in decisions] == [(job, "spill")]
-        spilled = len(decisions[0].shards)
-        assert 0 < spilled < 8
-        assert QUEUE_SPILL in set(_queues(sessions, job).values())
-        assert _router_note(sessions, job) is None
-    finally:
-        with sessions.begin() as session:
-            session.execute(delete(Job).where(Job.id.in_([history, job])))
-            session.execute(delete(Worker).where(Worker.name.in_([worker, spill_worker])))
-        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
-            broker.delete(key)
-        # The doorbells this test rang on the (shared) spill queue
-        trim_queue(broker, QUEUE_SPILL, spilled, prefix=settings.broker_key_prefix)
+    # When the router ticks, nothing spills: there is nobody to run it there
+    assert scene.tick() == []
+    assert set(_queues(sessions, job).values()) == {home}
+    note = _router_note(sessions, job) or ""
+    assert note.startswith("deadline at risk:"), note
+    assert "no spill worker sent a heartbeat" in note
+    assert _decisions("hold", "spill down") == held + 1
+    # Once a spill worker is live, the next tick spills what the GPUs cannot finish, and the
+    # note is cleared
+    with sessions.begin() as session:
+        _add_worker(session, scene.spill, route="spill", models=[], stats={})
+    decisions = scene.tick()
+    assert [(d.job_id, d.action) for d in decisions] == [(job, "spill")]
+    assert 0 < len(decisions[0].shards) < 8
+    assert QUEUE_SPILL in set(_queues(sessions, job).values())
+    assert _router_note(sessions, job) is None
 
 
 def test_spilled_shards_go_back_to_live_gpus_while_every_spill_breaker_is_open(
-    private_db: tuple[sessionmaker[Session], Settings],
-    celery: Celery,
-    broker: redis.Redis,
+    scene: Scene,
 ) -> None:
-    sessions, settings = private_db
-    alias, dead = (f"router-{uuid.uuid4().hex[:8]}" for _ in range(2))
-    home = gpu_queue(alias)
-    worker = f"gpu@router-test:{alias}"
-    spills = [f"spill@router-test:{alias}:{n}" for n in range(2)]
-    now = datetime.now(UTC)
+    sessions, home, now = scene.sessions, scene.home, scene.now
+    spills = [f"{scene.spill}:{n}" for n in range(2)]
+    open_breaker = {"spill": {"breaker_open": True}}
     with sessions.begin() as session:
-        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
-        # Given a live GPU worker, and two live spill workers whose breakers are open, one for a
-        # wedged endpoint and one reporting in the shape a spill worker's heartbeat has …
-        _add_worker(session, worker, route="gpu", models=[alias], stats={})
+        # Given a live GPU worker, and two live spill workers whose breakers are open …
+        _add_worker(session, scene.gpu, route="gpu", models=[scene.alias], stats={})
         for name in spills:
-            _add_worker(
-                session, name, route="spill", models=[], stats={"spill": {"breaker_open": True}}
-            )
+            _add_worker(session, name, route="spill", models=[], stats=open_breaker)
         # … an `auto` job with 3 shards waiting in spill, an `always` job, and an `auto` job whose
         # model has no live GPU worker
-        auto = _add_job(session, tenant_id=tenant_id, model=alias)
+        auto = scene.job(session)
         _add_shards(session, auto, range(3), queue=QUEUE_SPILL, enqueued_at=now)
-        always = _add_job(session, tenant_id=tenant_id, model=alias, spill="always")
+        always = scene.job(session, spill="always")
         _add_shards(session, always, range(1), queue=QUEUE_SPILL, enqueued_at=now)
-        orphan = _add_job(session, tenant_id=tenant_id, model=dead)
+        orphan = scene.job(session, model=f"{scene.alias}-dead")
         _add_shards(session, orphan, range(1), queue=QUEUE_SPILL, enqueued_at=now)
     before = _decisions("take_back", "spill down")
-    try:
-        # When the router ticks, the `auto` job's shards go back to its GPUs, the others stay
-        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
-        assert [(d.job_id, d.action, sorted(d.shards)) for d in decisions] == [
-            (auto, "take_back", [0, 1, 2])
-        ]
-        assert "breakers are open" in decisions[0].reason
-        assert _queues(sessions, auto) == {0: home, 1: home, 2: home}
-        assert _queues(sessions, always) == {0: QUEUE_SPILL}
-        assert _queues(sessions, orphan) == {0: QUEUE_SPILL}
-        assert _decisions("take_back", "spill down") == before + 1
-        # And once one breaker closes, spill is up again: nothing more moves
-        with sessions.begin() as session:
-            _add_worker(session, spills[0], route="spill", models=[], stats={"spill": {}})
-        with sessions.begin() as session:
-            _add_shards(session, auto, range(3, 4), queue=QUEUE_SPILL, enqueued_at=now)
-        again = route_tick(sessions=sessions, celery=celery, settings=settings)
-        assert [d for d in again if d.job_id == auto] == []
-    finally:
-        with sessions.begin() as session:
-            session.execute(delete(Job).where(Job.id.in_([auto, always, orphan])))
-            session.execute(delete(Worker).where(Worker.name.in_([worker, *spills])))
-        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
-            broker.delete(key)
+    # When the router ticks, the `auto` job's shards go back to its GPUs, the others stay
+    decisions = scene.tick()
+    assert [(d.job_id, d.action, sorted(d.shards)) for d in decisions] == [
+        (auto, "take_back", [0, 1, 2])
+    ]
+    assert "breakers are open" in decisions[0].reason
+    assert _queues(sessions, auto) == {0: home, 1: home, 2: home}
+    assert _queues(sessions, always) == {0: QUEUE_SPILL}
+    assert _queues(sessions, orphan) == {0: QUEUE_SPILL}
+    assert _decisions("take_back", "spill down") == before + 1
+    # And once one breaker closes, spill is up again: nothing more moves
+    with sessions.begin() as session:
+        _add_worker(session, spills[0], route="spill", models=[], stats={"spill": {}})
+        _add_shards(session, auto, range(3, 4), queue=QUEUE_SPILL, enqueued_at=now)
+    assert [d for d in scene.tick() if d.job_id == auto] == []
 
 
 def test_a_spill_route_sent_little_is_planned_at_the_capacity_its_workers_report(
-    private_db: tuple[sessionmaker[Session], Settings],
-    celery: Celery,
-    broker: redis.Redis,
+    scene: Scene,
 ) -> None:
-    sessions, settings = private_db
-    alias = f"router-{uuid.uuid4().hex[:8]}"
-    home = gpu_queue(alias)
-    worker, spill_worker = f"gpu@router-test:{alias}", f"spill@router-test:{alias}"
-    now = datetime.now(UTC)
+    sessions, home, now = scene.sessions, scene.home, scene.now
     with sessions.begin() as session:
-        tenant_id = ensure_tenant(session=session, name=f"t-{alias}")
         # Given GPUs that drained 1,000 docs/s (100 s of work waiting) and a spill route that
         # finished only the 20 docs it was sent, but whose worker reports 500 docs/s when full …
-        _add_worker(session, worker, route="gpu", models=[alias], stats={})
+        _add_worker(session, scene.gpu, route="gpu", models=[scene.alias], stats={})
         report = {"spill": {"breaker_open": False, "capacity_docs_per_s": 500.0}}
-        _add_worker(session, spill_worker, route="spill", models=[], stats=report)
-        history = _add_job(session, tenant_id=tenant_id, model=alias, status="completed")
+        _add_worker(session, scene.spill, route="spill", models=[], stats=report)
+        history = scene.job(session, status="completed")
         done = {"state": "done", "finished_at": now, "started_at": now - timedelta(seconds=60)}
         _add_shards(session, history, range(1), docs=60_000, queue=home, route="gpu", **done)
         _add_shards(
             session, history, range(1, 2), docs=20, queue=QUEUE_SPILL, route="spill", **done
         )
-        busy = _add_job(session, tenant_id=tenant_id, model=alias)
+        busy = scene.job(session)
         _add_shards(session, busy, range(1), docs=100_000, queue=home, enqueued_at=now)
         # … and 4 shards of an `auto` job waiting in spill (400 docs: under a second there at
         # 500 docs/s, 400 s at the measured 1 doc/s; 100 s behind the GPUs' backlog)
-        auto = _add_job(session, tenant_id=tenant_id, model=alias)
+        auto = scene.job(session)
         _add_shards(session, auto, range(4), queue=QUEUE_SPILL, enqueued_at=now)
-    try:
-        # When the router ticks, they stay on spill
-        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
-        assert [d for d in decisions if d.job_id == auto] == []
-        assert set(_queues(sessions, auto).values()) == {QUEUE_SPILL}
-        # And without the report, the drain rate alone (20 docs over the window) makes the GPUs
-        # look sooner even 100 s behind: all four go back there
-        with sessions.begin() as session:
-            _add_worker(session, spill_worker, route="spill", models=[], stats={})
-        decisions = route_tick(sessions=sessions, celery=celery, settings=settings)
-        assert [(d.job_id, d.action, sorted(d.shards)) for d in decisions] == [
-            (auto, "take_back", [0, 1, 2, 3])
-        ]
-    finally:
-        with sessions.begin() as session:
-            session.execute(delete(Job).where(Job.id.in_([history, busy, auto])))
-            session.execute(delete(Worker).where(Worker.name.in_([worker, spill_worker])))
-        for key in broker.scan_iter(match=f"{settings.broker_key_prefix}*{home}*"):
-            broker.delete(key)
+    # When the router ticks, they stay on spill
+    assert [d for d in scene.tick() if d.job_id == auto] == []
+    assert set(_queues(sessions, auto).values()) == {QUEUE_SPILL}
+    # And without the report, the drain rate alone (20 docs over the window) makes the GPUs look
+    # sooner even 100 s behind: all four go back there
+    with sessions.begin() as session:
+        _add_worker(session, scene.spill, route="spill", models=[], stats={})
+    assert [(d.job_id, d.action, sorted(d.shards)) for d in scene.tick()] == [
+        (auto, "take_back", [0, 1, 2, 3])
+    ]
 
 
 def test_a_route_that_started_within_the_window_is_measured_from_its_start(
