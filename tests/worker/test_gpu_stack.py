@@ -55,6 +55,7 @@ def test_stack_runner_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             # Offered load at 3x the measured peak with 4 s deadlines, beside a spill worker and
             # the stand-in managed API: the router must spill part of it.
             "--load=3",
+            "--load-burst-jobs=3",
             "--load-seconds=4",
             "--load-deadline=4",
             "--job-timeout=150",  # fails with the processes' log tails rather than hanging

@@ -44,6 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-seconds", type=float, default=30.0, help="arrivals per level")
     p.add_argument("--load-deadline", type=float, default=20.0, help="each job's deadline, s")
     p.add_argument("--load-latency", type=float, default=0.2, help="the stand-in's, s")
+    p.add_argument("--load-burst-jobs", type=int, default=12, help="jobs per peak burst")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=512 * 1024 * 1024, help="CPU only")
     p.add_argument("--host-cores", type=int, default=os.cpu_count() or 1)

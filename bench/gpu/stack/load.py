@@ -1,8 +1,9 @@
 """Offered load at multiples of the GPU's measured peak on the whole stack, with spill:
-bench/load.py's burst (the peak: best of two bursts of 12 jobs, GPU only) and levels (jobs of 400
-documents arriving at multiple x peak for some seconds, each with a deadline; the router spills
-what the GPU cannot finish in time) on a `GpuStack` with a spill worker, against the stand-in
-managed API of postroom_cli/standin.py (latency a timer, answers a hash: no CPU of note)."""
+bench/load.py's burst (the peak: best of two bursts of `--load-burst-jobs` jobs, 12 by default,
+GPU only) and levels (jobs of 400 documents arriving at multiple x peak for some seconds, each
+with a deadline; the router spills what the GPU cannot finish in time) on a `GpuStack` with a
+spill worker, against the stand-in managed API of postroom_cli/standin.py (latency a timer,
+answers a hash: no CPU of note)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def run_load(
     levels_of = bench_module("load")
     path = work / "load-job.jsonl"
     bench_module("ceiling").write_docs(path, levels_of.JOB_DOCS)
-    peak = max(levels_of.burst(stack, path, levels_of.BURST_JOBS) for _ in range(2))
-    log(f"   load: GPU peak {peak:.0f} docs/s (best of two bursts)")
+    peak = max(levels_of.burst(stack, path, opts.load_burst_jobs) for _ in range(2))
+    log(f"   load: GPU peak {peak:.0f} docs/s (best of two bursts of {opts.load_burst_jobs} jobs)")
     levels: list[dict[str, Any]] = []
     out = {
         "peak_docs_per_s": round(peak, 1),
