@@ -8,10 +8,10 @@ finish them sooner.
   drain rate is measured (documents finished on it in the last `router_drain_window_seconds`);
   spill's is at least the capacity its workers report (slots over seconds a call holds one), as a
   route that is sent little drains little; a shard's finish on a route is (documents ahead of it
-  there + its own) / that rate. A shard of a
-  job with a deadline stays on the GPUs if they finish it in time; if not, it spills only when the
-  managed API would finish it `router_spill_margin` times sooner (until spill has finished
-  something in the window it counts as instant: what the GPUs cannot finish in time spills).
+  there + its own) / that rate. A shard of a job with a deadline stays on the GPUs if they finish
+  it in time; if not, it spills only when the managed API would finish it `router_spill_margin`
+  times sooner (until spill has finished something in the window or reported a capacity, it
+  counts as instant: what the GPUs cannot finish in time spills).
   Each tick, unclaimed spilled shards of `auto` jobs whose GPUs are up come back, from the end of
   the spill backlog, while the GPUs would finish them `router_spill_margin` times sooner, so the
   GPUs never idle while a slower managed API drains a deep queue. The margin on both sides keeps
