@@ -99,22 +99,24 @@ def ideal_split(
     return {"feasible": feasible, "spill_needed_docs": round(needed)}
 
 
+def _at(job: dict[str, Any], key: str) -> float:
+    """A job's timestamp field (created_at, deadline, finished_at) in seconds since the epoch."""
+    return datetime.fromisoformat(job[key]).timestamp()
+
+
 def judge_deadlines(
     results: list[dict[str, Any]], *, gpu_rate: float, spill_rate: float
 ) -> dict[str, Any]:
     """Each finished job against `ideal_split`: how many could have met their deadline, how many
     of those missed it, and the share of documents the deadlines needed spilled."""
 
-    def at(job: dict[str, Any], key: str) -> float:
-        return datetime.fromisoformat(job[key]).timestamp()
-
-    ordered = sorted(results, key=lambda j: at(j, "created_at"))
+    ordered = sorted(results, key=lambda j: _at(j, "created_at"))
     ideal = ideal_split(
-        [(at(j, "created_at"), at(j, "deadline"), j["counts"]["total"]) for j in ordered],
+        [(_at(j, "created_at"), _at(j, "deadline"), j["counts"]["total"]) for j in ordered],
         gpu_rate=gpu_rate,
         spill_rate=spill_rate,
     )
-    missed = [at(j, "finished_at") > at(j, "deadline") for j in ordered]
+    missed = [_at(j, "finished_at") > _at(j, "deadline") for j in ordered]
     docs = sum(j["counts"]["total"] for j in ordered)
     return {
         "feasible_jobs": sum(ideal["feasible"]),
@@ -213,17 +215,14 @@ def _job_times(results: list[dict[str, Any]]) -> list[list[float]]:
     """[arrived, due, finished] (s after the first arrival), documents and documents spilled,
     per job: enough to judge the level again with other rates."""
 
-    def at(job: dict[str, Any], key: str) -> float:
-        return datetime.fromisoformat(job[key]).timestamp()
-
-    t0 = min((at(j, "created_at") for j in results), default=0.0)
+    t0 = min((_at(j, "created_at") for j in results), default=0.0)
     return [
         [
-            *(round(at(j, key) - t0, 3) for key in ("created_at", "deadline", "finished_at")),
+            *(round(_at(j, key) - t0, 3) for key in ("created_at", "deadline", "finished_at")),
             j["counts"]["total"],
             j["counts"]["spilled"],
         ]
-        for j in sorted(results, key=lambda j: at(j, "created_at"))
+        for j in sorted(results, key=lambda j: _at(j, "created_at"))
     ]
 
 
