@@ -99,7 +99,12 @@ def run_worker(
 
     @signals.worker_init.connect(weak=False)
     def _start_runtime(**_: Any) -> None:
-        runtime = Runtime(settings, models=models if route == "gpu" else [], route=route)
+        runtime = Runtime(
+            settings,
+            models=models if route == "gpu" else [],
+            route=route,
+            concurrency=concurrency,
+        )
         set_runtime(runtime)
         serve_metrics(
             port=settings.worker_metrics_port,

@@ -84,8 +84,17 @@ class Admission:
 class Runtime:
     """Everything a task needs, built once per worker process (never at import)."""
 
-    def __init__(self, settings: Settings, *, models: list[str], route: str = "gpu") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        models: list[str],
+        route: str = "gpu",
+        concurrency: int | None = None,
+    ) -> None:
+        """`concurrency`: shards this process works at once (Celery's pool)."""
         self.settings = settings
+        self.concurrency = concurrency
         self.models = models
         self.route = route
         self.name = f"{route}@{socket.gethostname()}:{os.getpid()}"
@@ -117,7 +126,9 @@ class Runtime:
             self.loop.run(engine.start(), timeout=900)
             self.engines[alias] = engine
         if self.route == "spill":
-            self.classifier = SpillClassifier(loop=self.loop, settings=self.settings)
+            self.classifier = SpillClassifier(
+                loop=self.loop, settings=self.settings, shards_at_once=self.concurrency
+            )
         elif self.settings.worker_null_classifier:
             self.classifier = NullClassifier()
         else:

@@ -150,10 +150,18 @@ class Ewma:
 class SpillClassifier:
     route = "spill"
 
-    def __init__(self, *, loop: LoopThread, settings: Settings, settle: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        loop: LoopThread,
+        settings: Settings,
+        settle: bool = False,
+        shards_at_once: int | None = None,
+    ) -> None:
         """`settle`: a document the endpoint cannot answer becomes that document's error
         instead of sending the whole shard back (the cascade, whose documents have an answer
-        already)."""
+        already). `shards_at_once`: the worker's Celery concurrency, which with the shards'
+        size bounds how many slots can ever be busy."""
         self.loop = loop
         self.settings = settings
         self.settle = settle
@@ -165,6 +173,8 @@ class SpillClassifier:
         self._client: openai.AsyncOpenAI | None = None
         self._sem: asyncio.Semaphore | None = None
         self._slot_seconds = Ewma(alpha=0.05)  # how long a call holds one of the slots
+        self._shard_docs = Ewma(alpha=0.2)  # documents per shard classified
+        self.shards_at_once = shards_at_once
         self.calls = 0
 
     def _ensure(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
@@ -179,9 +189,13 @@ class SpillClassifier:
         open, and takes its unclaimed shards back to live GPUs. `capacity_docs_per_s` is what
         this process finishes when its slots are full (Little's law: slots over the seconds a
         call holds one, Retry-After waits included); the router plans with it, since spill's
-        measured drain rate is only what it was sent."""
+        measured drain rate is only what it was sent. Slots no shard can fill do not count:
+        8 shards of 2 documents keep at most 16 calls in flight, whatever spill_concurrency."""
         held = self._slot_seconds.value
-        capacity = self.settings.spill_concurrency / held if held else None
+        slots = float(self.settings.spill_concurrency)
+        if self.shards_at_once and self._shard_docs.value:
+            slots = min(slots, self.shards_at_once * self._shard_docs.value)
+        capacity = slots / held if held else None
         return {
             "breaker_open": self.breaker.is_open,
             "calls": self.calls,
@@ -193,6 +207,7 @@ class SpillClassifier:
     ) -> list[DocResult]:
         if not self.settings.spill_base_url:
             raise SpillUnavailable("POSTROOM_SPILL_BASE_URL is not set")
+        self._shard_docs.add(len(docs))
         system = instructions_text(spec.labels, spec.instructions)
         labels = [label.name for label in spec.labels]
         # Every call has its own deadline; this bound only keeps a stuck loop from holding the
