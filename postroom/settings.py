@@ -211,10 +211,11 @@ class Settings(BaseSettings):
     republish_stale_seconds: PositiveFloat = 900.0
 
     # -- fault injection for the fault suite only: a document containing the poison marker kills
-    #    the engine that reads it, one with the raise marker makes the classifier raise (empty =
-    #    off; refused outside POSTROOM_ENVIRONMENT=test)
+    #    the engine that reads it, one with the raise marker makes the classifier raise, a broken
+    #    worker raises on every call (empty = off; refused outside POSTROOM_ENVIRONMENT=test)
     fault_poison_marker: str = ""
     fault_raise_marker: str = ""
+    fault_broken_worker: bool = False
 
     # -- spill (managed OpenAI-compatible API)
     spill_base_url: str = ""
@@ -346,10 +347,10 @@ class Settings(BaseSettings):
         unknown = [alias for alias in self.worker_models if alias not in self.models]
         if unknown:
             raise ValueError(f"POSTROOM_WORKER_MODELS names unknown aliases: {', '.join(unknown)}")
-        if (self.fault_poison_marker or self.fault_raise_marker) and self.environment != "test":
+        faults = self.fault_poison_marker or self.fault_raise_marker or self.fault_broken_worker
+        if faults and self.environment != "test":
             raise ValueError(
-                "POSTROOM_FAULT_POISON_MARKER and POSTROOM_FAULT_RAISE_MARKER are for tests only "
-                "(POSTROOM_ENVIRONMENT=test)"
+                "POSTROOM_FAULT_* settings are for tests only (POSTROOM_ENVIRONMENT=test)"
             )
         if self.min_labels < 2:
             raise ValueError("POSTROOM_MIN_LABELS must be at least 2")

@@ -1,6 +1,7 @@
-"""Shards that fail for good: an attempt that raised is handed on at once (counted like a crash),
-and a shard that keeps failing is split to corner the one document that does it (postroom.policy
-runs the parts alone, so a crash is theirs)."""
+"""Shards that fail for good: an attempt that raised is handed on at once (counted like a crash,
+unless the worker itself is broken: worker/self_check.py), and a shard that keeps failing is
+split to corner the one document that does it (postroom.policy runs the parts alone, so a crash
+is theirs)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from postroom.shard_numbers import child_shard_nos
 from postroom.shards import fail_attempt, split_shard
 from postroom.storage import StorageError
 from worker.runtime import Runtime
+from worker.self_check import WorkerBroken, give_back_all, self_check
 
 if TYPE_CHECKING:
     from worker.tasks import ShardRun
@@ -26,9 +28,25 @@ logger = logging.getLogger(__name__)
 def fail_shard(runtime: Runtime, run: ShardRun, error: Exception, celery: Celery) -> None:
     """An attempt that raised something no retry will fix: hand the shard on now rather than at
     its lease's end. The attempt counts like a crash, so a document that always raises is
-    isolated by the split like one that kills the engine, and its error says what it raised."""
-    SHARDS.labels(runtime.route, "failed_attempt").inc()
+    isolated by the split like one that kills the engine, and its error says what it raised.
+
+    Unless the worker cannot classify a neutral document either (worker/self_check.py): then it
+    is the worker, not the shard; every shard it holds goes back uncounted and WorkerBroken
+    makes the process exit to be restarted."""
     text = f"{type(error).__name__}: {error}"
+    broken = self_check(runtime, run.spec)
+    if broken is not None:
+        given = give_back_all(runtime, celery)
+        logger.critical(
+            "this worker is broken: a shard raised %s, and so did a neutral document (%s: %s); "
+            "gave back %d shard(s) uncounted, exiting to be restarted",
+            text,
+            type(broken).__name__,
+            broken,
+            given,
+        )
+        raise WorkerBroken(f"self-check failed: {type(broken).__name__}: {broken}") from error
+    SHARDS.labels(runtime.route, "failed_attempt").inc()
     try:
         with runtime.sessions.begin() as session:
             failed = fail_attempt(session=session, **run.fence, error=text)

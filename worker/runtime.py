@@ -32,6 +32,7 @@ from worker.classifier import Classifier, EngineClassifier, NullClassifier
 from worker.engine import EngineAdapter
 from worker.gguf_model import prepare_smollm2
 from worker.loop import LoopThread
+from worker.self_check import BrokenClassifier
 from worker.spill import SpillClassifier
 from worker.tiny_model import build_model
 
@@ -143,6 +144,8 @@ class Runtime:
                 embedding_center_min_docs=self.settings.embedding_center_min_docs,
                 embedding_label_weight=self.settings.embedding_label_weight,
             )
+        if self.settings.fault_broken_worker:
+            self.classifier = BrokenClassifier()
         self._heartbeat = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
         self._heartbeat.start()
         self.beat()
@@ -186,6 +189,11 @@ class Runtime:
         with self._leases_lock:
             return {job_id for job_id, _ in self._leases} | set(self._recent_jobs)
 
+    def leases(self) -> list[tuple[uuid.UUID, int, int]]:
+        """(job, shard, attempt) of every shard this worker holds."""
+        with self._leases_lock:
+            return [(job, shard, attempt) for (job, shard), attempt in self._leases.items()]
+
     def shards_in_flight(self) -> int:
         with self._leases_lock:
             return len(self._leases)
@@ -203,8 +211,7 @@ class Runtime:
 
     def beat(self) -> None:
         """Upsert this worker's row (models, stats) and extend the leases it holds."""
-        with self._leases_lock:
-            leases = [(job, shard, attempt) for (job, shard), attempt in self._leases.items()]
+        leases = self.leases()
         stats = self.stats()
         with self.sessions.begin() as session:
             stmt = insert(Worker).values(

@@ -66,8 +66,8 @@ def register_tasks(app: Celery) -> None:
             queue = (self.request.delivery_info or {}).get("routing_key") or ""
             try:
                 return run_shard(runtime, uuid.UUID(job_id), shard_no, celery=self.app, queue=queue)
-            except EngineDeadError:
-                logger.critical("engine died; exiting so the supervisor restarts this worker")
+            except EngineDeadError as e:
+                logger.critical("%s; exiting so the supervisor restarts this worker", e)
                 os._exit(70)
             except TRANSIENT as e:
                 retries = self.request.retries or 0

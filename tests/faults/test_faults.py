@@ -19,7 +19,9 @@ import pytest
 from sqlalchemy import select
 
 from postroom.db.models import Result, Shard
+from postroom_cli.local import postroom_command
 from tests.faults.conftest import RAISES, SPILL_ONLY, FaultStack, Size
+from tests.faults.harness import Supervised
 from tests.faults.invariants import check
 from tests.waiting import wait_until
 
@@ -227,6 +229,44 @@ def test_a_document_the_classifier_raises_on_is_isolated_and_says_why(
             select(Shard.error).where(Shard.job_id == job_id, Shard.error.is_not(None))
         ).all()
     assert any(e.startswith("ValueError: fault injection") for e in errors), errors
+
+
+def test_a_broken_worker_gives_its_shards_back_instead_of_failing_them(
+    fault_stack: FaultStack,
+) -> None:
+    """A worker that raises on every shard (a bad deploy) is not a poison document: counted like
+    crashes, its failures would split the shards and fail every document as poison. Its
+    self-check (a neutral document) raises too, so it gives its shards back uncounted and exits
+    for its supervisor to restart it; a healthy worker then does the whole job."""
+    started = time.monotonic()
+    fault_stack.worker.pause()  # the healthy worker takes nothing meanwhile
+    env = {
+        **fault_stack.env,
+        "POSTROOM_FAULT_BROKEN_WORKER": "true",
+        "POSTROOM_WORKER_NULL_CLASSIFIER": "true",  # no engine: it restarts in seconds
+    }
+    log = fault_stack.root / "broken.log"
+    broken = Supervised(postroom_command("worker"), env=env, log=log)
+    try:
+        job_id, ids = fault_stack.submit(200, seed=12)
+        # Three exits: with its failures counted, two would have split every shard it took
+        wait_until(lambda: broken.restarts >= 3, timeout=180, what="the broken worker exiting")
+    finally:
+        broken.stop()
+        fault_stack.worker.resume()
+    text = log.read_text(errors="replace")
+    assert "this worker is broken" in text
+    assert "self-check failed: RuntimeError: fault injection" in text
+    with fault_stack.sessions() as session:
+        shards = session.execute(
+            select(Shard.attempt, Shard.releases).where(Shard.job_id == job_id)
+        ).all()
+    # It took shards and gave them all back; at most the one it held when stopped can count
+    assert sum(attempt for attempt, _ in shards) >= 3
+    assert sum(attempt - releases for attempt, releases in shards) <= 1
+    _verify(fault_stack, "broken worker", {job_id: ids}, started=started, restarts=broken.restarts)
+    job = fault_stack.client.job(str(job_id))
+    assert job["counts"] == {**job["counts"], "succeeded": 200, "failed": 0, "pending": 0}
 
 
 # A steady mix of managed-API faults for the whole run (shares of all calls, so they keep coming
