@@ -34,7 +34,8 @@ def fail_shard(runtime: Runtime, run: ShardRun, error: Exception, celery: Celery
     is the worker, not the shard; every shard it holds goes back uncounted and WorkerBroken
     makes the process exit to be restarted."""
     text = f"{type(error).__name__}: {error}"
-    broken = self_check(runtime, run.spec)
+    assert runtime.classifier is not None
+    broken = self_check(runtime.classifier, run.spec)
     if broken is not None:
         given = give_back_all(runtime, celery)
         logger.critical(

@@ -24,11 +24,11 @@ from postroom.queue import Celery, publish_and_record
 from postroom.shards import release_shard
 
 if TYPE_CHECKING:  # the runtime builds BrokenClassifier from here
+    from worker.classifier import Classifier
     from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-PROBE_JOB = uuid.UUID(int=0)
 PROBE_DOC = {"id": "self-check", "text": "Hello, I have a question about my account.", "line": 1}
 PROBE_LABELS = [Label(name="question"), Label(name="complaint")]
 
@@ -38,16 +38,15 @@ class WorkerBroken(EngineDeadError):
     like a worker whose engine died, but its shards were given back first, uncounted."""
 
 
-def self_check(runtime: Runtime, spec: JobSpec) -> Exception | None:
+def self_check(classifier: Classifier, spec: JobSpec) -> Exception | None:
     """What classifying the neutral document with the job's model raised, or None."""
     probe = spec.model_copy(
         update={"labels": PROBE_LABELS, "instructions": DEFAULT_INSTRUCTIONS, "cascade": None}
     )
-    assert runtime.classifier is not None
+    # Classifiers cache what they prepare per job: one probe "job" per probe spec.
+    job_id = uuid.uuid5(uuid.NAMESPACE_URL, "postroom-self-check:" + probe.model_dump_json())
     try:
-        runtime.classifier.classify(
-            job_id=PROBE_JOB, spec=probe, shard="self-check", docs=[PROBE_DOC]
-        )
+        classifier.classify(job_id=job_id, spec=probe, shard="self-check", docs=[PROBE_DOC])
     except Exception as e:  # whatever it is, this worker cannot classify
         return e
     return None

@@ -7,9 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from postroom.domain import DEFAULT_INSTRUCTIONS, JobSpec, Label
 from postroom.settings import Settings
+from worker.classifier import EngineClassifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
+from worker.self_check import self_check
 
 TEXTS = [
     "I was charged twice for my invoice this month.",
@@ -51,3 +54,29 @@ def test_vectors_match_sentence_transformers(minilm: tuple[EngineAdapter, LoopTh
         dot = sum(a * float(b) for a, b in zip(mine, theirs, strict=True))
         norm = math.sqrt(sum(a * a for a in mine)) * math.sqrt(sum(float(b) ** 2 for b in theirs))
         assert dot / norm >= 0.999
+
+
+def test_the_self_check_passes_on_a_healthy_embedding_worker(
+    minilm: tuple[EngineAdapter, LoopThread],
+) -> None:
+    """worker/self_check.py on the embedding route: a healthy worker classifies the neutral
+    document, so an attempt that raised is pinned on its shard, not on the worker."""
+    engine, loop = minilm
+    settings = Settings()
+    classifier = EngineClassifier(
+        loop=loop,
+        engines={"minilm": engine},
+        doc_max_tokens=settings.doc_max_tokens,
+        choice_max_tokens=settings.choice_max_tokens,
+        embedding_temperature=settings.embedding_temperature,
+        timeout=120,
+    )
+    spec = JobSpec(
+        labels=[Label(name="billing", examples=("I was charged twice.",)), Label(name="bug")],
+        instructions=DEFAULT_INSTRUCTIONS,
+        mode="embedding",
+        model="minilm",
+        revision="r",
+        label_template=settings.embedding_label_template,
+    )
+    assert self_check(classifier, spec) is None

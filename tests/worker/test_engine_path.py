@@ -14,6 +14,7 @@ from postroom.settings import Settings
 from worker.classifier import EngineClassifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
+from worker.self_check import BrokenClassifier, self_check
 
 TEXTS = [
     "I was charged twice for my invoice this month.",
@@ -127,3 +128,23 @@ def test_calibrated_scores_divide_out_the_content_free_answers(
         expected = [d / sum(divided) for d in divided]
         assert [cal.distribution[n] for n in labels] == pytest.approx(expected, abs=1e-4)
         assert cal.label == labels[max(range(3), key=expected.__getitem__)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("decoding", ["score", "choice"])
+def test_the_self_check_passes_on_a_healthy_worker(
+    tiny_engine: tuple[EngineAdapter, LoopThread], decoding: str
+) -> None:
+    """An attempt that raised counts against its shard only when this passes (a healthy worker
+    that failed it would give shards back and exit instead)."""
+    engine, loop = tiny_engine
+    spec = JobSpec(
+        labels=[Label(name="billing"), Label(name="bug"), Label(name="shipping")],
+        instructions="Sort the ticket.",
+        mode="generative",
+        model="tiny",
+        revision="tiny-seed0",
+        decoding=decoding,  # type: ignore[arg-type]
+    )
+    assert self_check(_classifier(engine, loop), spec) is None
+    assert isinstance(self_check(BrokenClassifier(), spec), RuntimeError)
