@@ -9,7 +9,7 @@ import pytest
 
 from postroom.domain import DEFAULT_INSTRUCTIONS, JobSpec, Label
 from postroom.settings import Settings
-from worker.classifier import EngineClassifier
+from tests.helpers import engine_classifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
 from worker.self_check import self_check
@@ -63,14 +63,7 @@ def test_the_self_check_passes_on_a_healthy_embedding_worker(
     document, so an attempt that raised is pinned on its shard, not on the worker."""
     engine, loop = minilm
     settings = Settings()
-    classifier = EngineClassifier(
-        loop=loop,
-        engines={"minilm": engine},
-        doc_max_tokens=settings.doc_max_tokens,
-        choice_max_tokens=settings.choice_max_tokens,
-        embedding_temperature=settings.embedding_temperature,
-        timeout=120,
-    )
+    classifier = engine_classifier(loop, {"minilm": engine})
     spec = JobSpec(
         labels=[Label(name="billing", examples=("I was charged twice.",)), Label(name="bug")],
         instructions=DEFAULT_INSTRUCTIONS,

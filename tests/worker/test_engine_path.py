@@ -11,6 +11,7 @@ import pytest
 
 from postroom.domain import DEFAULT_INSTRUCTIONS, JobSpec, Label
 from postroom.settings import Settings
+from tests.helpers import engine_classifier
 from worker.classifier import EngineClassifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
@@ -52,16 +53,7 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[tuple[EngineAdapter, LoopThrea
 def _classifier(
     engine: EngineAdapter, loop: LoopThread, submit_chunk: int = 64
 ) -> EngineClassifier:
-    settings = Settings()
-    return EngineClassifier(
-        loop=loop,
-        engines={"tiny": engine},
-        doc_max_tokens=settings.doc_max_tokens,
-        choice_max_tokens=settings.choice_max_tokens,
-        embedding_temperature=settings.embedding_temperature,
-        timeout=120,
-        submit_chunk=submit_chunk,
-    )
+    return engine_classifier(loop, {"tiny": engine}, submit_chunk=submit_chunk)
 
 
 @pytest.mark.timeout(300)

@@ -17,7 +17,7 @@ import pytest
 
 from postroom.domain import DEFAULT_INSTRUCTIONS, JobSpec, Label
 from postroom.settings import Settings
-from worker.classifier import EngineClassifier
+from tests.helpers import engine_classifier
 from worker.engine import EngineAdapter
 from worker.loop import LoopThread
 
@@ -50,15 +50,8 @@ def _correct(
 ) -> int:
     engine, loop = minilm
     settings = Settings()
-    classifier = EngineClassifier(
-        loop=loop,
-        engines={"minilm": engine},
-        doc_max_tokens=settings.doc_max_tokens,
-        choice_max_tokens=settings.choice_max_tokens,
-        embedding_temperature=settings.embedding_temperature,
-        timeout=300,
-        embedding_center_min_docs=center_min_docs,
-        embedding_label_weight=settings.embedding_label_weight,
+    classifier = engine_classifier(
+        loop, {"minilm": engine}, timeout=300, embedding_center_min_docs=center_min_docs
     )
     spec = JobSpec(
         labels=labels,
