@@ -68,6 +68,7 @@ def job_public(*, session: Session, job: Job, settings: Settings) -> JobPublic:
         spend=job_spend,
         cascade=cascade,
         router_note=job.router_note,
+        deadline_lost=job.deadline_lost,
         priority=job.priority,
         status_detail=_status_detail(session=session, job=job, settings=settings),
         results_url=f"/v1/jobs/{job.id}/results",

@@ -54,6 +54,11 @@ class JobPublic(BaseModel):
         default_factory=dict, description="docs, tokens and $ per route; total; $ per 1,000 docs"
     )
     router_note: str | None = None
+    deadline_lost: bool = Field(
+        default=False,
+        description="the router expects the deadline to be missed on every route: the job runs "
+        "after the jobs that can still meet theirs and nothing of it spills (router_note: why)",
+    )
     cascade: dict[str, Any] | None = Field(
         default=None,
         description="the job's cascade and what it did: escalated, failed, agreed, agreement "

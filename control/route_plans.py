@@ -50,6 +50,24 @@ def plan_deadline(
     return to_spill, kept
 
 
+def misses_deadline(
+    *,
+    kept: int,
+    spilled: int,
+    ahead: int,
+    rate: float,
+    seconds_left: float,
+    spill_ahead: int = 0,
+    spill_rate: float | None = None,
+) -> bool:
+    """Whether a job misses its deadline even split as `plan_deadline` split it: the `kept`
+    documents finish on the GPUs after `ahead`, the `spilled` ones on spill after `spill_ahead`
+    (instant while spill is not measured), and the later of the two is past `seconds_left`."""
+    gpu_end = (ahead + kept) / rate if kept else 0.0
+    spill_end = (spill_ahead + spilled) / spill_rate if spilled and spill_rate else 0.0
+    return max(gpu_end, spill_end) > seconds_left
+
+
 def plan_take_back(
     backlog: list[Spilled],
     *,

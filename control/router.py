@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.route_plans import Spilled, plan_deadline, plan_take_back
+from control.route_plans import Spilled, misses_deadline, plan_deadline, plan_take_back
 from postroom.backlog import drain_rates, running_docs, spill_backlog, spill_spend, unclaimed_by_job
 from postroom.costs import spill_cost
 from postroom.db.models import Worker
@@ -143,6 +143,7 @@ class _Plan:
     to_spill: list[int]
     reason: str = ""
     held: str | None = None  # why shards that should spill wait for the GPUs (spill is down)
+    lost: bool = False  # the deadline is missed on every route: the job runs after the others
 
 
 def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
@@ -163,7 +164,7 @@ def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
         return _Plan([])
     seconds_left = (job.deadline - tick.now).total_seconds()
     ahead = tick.ahead.get(queue, 0)
-    to_spill, _ = plan_deadline(
+    to_spill, kept = plan_deadline(
         shards,
         ahead=ahead,
         rate=rate,
@@ -172,10 +173,30 @@ def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
         spill_rate=tick.spill_rate,
         margin=settings.router_spill_margin,
     )
+    spilled = sum(d for s, d in shards if s in set(to_spill))
     if to_spill and tick.spill_down:
-        docs = sum(d for s, d in shards if s in set(to_spill))
+        lost = misses_deadline(
+            kept=kept + spilled, spilled=0, ahead=ahead, rate=rate, seconds_left=seconds_left
+        )
+        held = f"deadline at risk: {spilled} documents would spill, but {tick.spill_down}"
+        return _Plan([], held=held, lost=lost)
+    if misses_deadline(
+        kept=kept,
+        spilled=spilled,
+        ahead=ahead,
+        rate=rate,
+        seconds_left=seconds_left,
+        spill_ahead=tick.spill_docs,
+        spill_rate=tick.spill_rate,
+    ):
+        # Triage: spilling would not save it, and on the GPUs it would make the jobs behind it
+        # miss theirs too; it runs when they have what they need (postroom.policy).
         return _Plan(
-            [], held=f"deadline at risk: {docs} documents would spill, but {tick.spill_down}"
+            [],
+            held=f"deadline lost: due in {seconds_left:.0f}s; GPUs drain {rate:.1f} docs/s with "
+            f"{ahead} docs ahead; {tick.spill_says} with {tick.spill_docs} docs ahead; it runs "
+            "after the jobs that can still meet theirs",
+            lost=True,
         )
     return _Plan(
         to_spill,
@@ -207,14 +228,16 @@ def _route_job(
             tick.spill_docs += decision.docs
             home = tick.homes.get(job.id)
             tick.backlog += [Spilled(job.id, s, docs_by_shard[s], home) for s in decision.shards]
-    if note or plan.to_spill or job.router_note is not None:
+    if note or plan.to_spill or job.router_note is not None or plan.lost != job.deadline_lost:
         # Said again each tick while it holds (the hold is counted), cleared once it does not.
-        _note(sessions, job.id, note)
+        _note(sessions, job.id, note, deadline_lost=plan.lost)
     moved = decision.shards if decision is not None else []
-    # What stays waits on the GPU queue, ahead of the next job's shards.
-    queue = gpu_queue(job.model)
-    stays = sum(docs_by_shard.values()) - sum(docs_by_shard[s] for s in moved)
-    tick.ahead[queue] = tick.ahead.get(queue, 0) + stays
+    # What stays waits on the GPU queue, ahead of the next job's shards; a lost job's waits
+    # behind them all.
+    if not plan.lost:
+        queue = gpu_queue(job.model)
+        stays = sum(docs_by_shard.values()) - sum(docs_by_shard[s] for s in moved)
+        tick.ahead[queue] = tick.ahead.get(queue, 0) + stays
     return decision
 
 
@@ -344,10 +367,13 @@ def _move(
     return Decision(job_id=job_id, shards=moved, docs=docs, reason=reason, action=action)
 
 
-def _note(sessions: sessionmaker[Session], job_id: uuid.UUID, note: str | None) -> None:
+def _note(
+    sessions: sessionmaker[Session], job_id: uuid.UUID, note: str | None, *, deadline_lost: bool
+) -> None:
     with sessions.begin() as session:
-        set_router_note(session=session, job_id=job_id, note=note)
+        set_router_note(session=session, job_id=job_id, note=note, deadline_lost=deadline_lost)
     if note:
-        why = "spill down" if note.startswith("deadline at risk") else "max_spill_cost"
+        why = note.split(":")[0]
+        why = {"deadline at risk": "spill down", "waiting for GPUs": "max_spill_cost"}.get(why, why)
         ROUTER_DECISIONS.labels(decision="hold", reason=why).inc()
         logger.info("router: job %s: %s", job_id, note)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -330,6 +330,7 @@ def active_jobs(*, session: Session) -> list[Any]:
                 Job.estimate,
                 Job.created_at,
                 Job.router_note,
+                Job.deadline_lost,
             )
             .where(Job.status.in_(JOB_ACTIVE))
             .order_by(Job.created_at)
@@ -337,12 +338,18 @@ def active_jobs(*, session: Session) -> list[Any]:
     )
 
 
-def set_router_note(*, session: Session, job_id: uuid.UUID, note: str | None) -> None:
-    """Say why the router holds a job back (None clears it); a no-op when it says so already."""
+def set_router_note(
+    *, session: Session, job_id: uuid.UUID, note: str | None, deadline_lost: bool = False
+) -> None:
+    """Say why the router holds a job back (None clears it), and whether its deadline is lost; a
+    no-op when it says so already."""
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.router_note.is_distinct_from(note))
-        .values(router_note=note)
+        .where(
+            Job.id == job_id,
+            or_(Job.router_note.is_distinct_from(note), Job.deadline_lost != deadline_lost),
+        )
+        .values(router_note=note, deadline_lost=deadline_lost)
     )
 
 

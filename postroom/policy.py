@@ -5,7 +5,9 @@ the best claimable shard of Q, in this order:
 
 1. the job's `priority` (`high`, `normal`, `low`; a tenant may not ask above its maximum);
 2. earliest deadline first among jobs whose deadline is at risk (due within
-   `POSTROOM_POLICY_DEADLINE_HORIZON_SECONDS`); other jobs come after them;
+   `POSTROOM_POLICY_DEADLINE_HORIZON_SECONDS`); other jobs come after them, and so do jobs whose
+   deadline the router found lost on every route (`deadline_lost`: triage, so that under
+   overload a hopeless job does not make the jobs behind it miss theirs too);
 3. weighted fair share: the tenant with the fewest documents running or finished on the GPUs
    over `POSTROOM_POLICY_FAIR_SHARE_WINDOW_SECONDS`, per unit of its weight, counted in whole
    shards, so tenants within a shard of each other tie;
@@ -54,6 +56,7 @@ class WaitingJob:
     deadline: datetime | None
     created_at: datetime
     shard_count: int
+    deadline_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,15 @@ def waiting_jobs(*, session: Session, queue: str) -> list[WaitingJob]:
         .lateral("first_shard")
     )
     rows = session.execute(
-        select(Job.id, Job.tenant_id, Job.priority, Job.deadline, Job.created_at, Job.shard_count)
+        select(
+            Job.id,
+            Job.tenant_id,
+            Job.priority,
+            Job.deadline,
+            Job.created_at,
+            Job.shard_count,
+            Job.deadline_lost,
+        )
         .join(first, true())
         .where(Job.status.in_(JOB_ACTIVE))
     ).all()
@@ -151,7 +162,7 @@ def rank_jobs(
 
     def key(job: WaitingJob) -> tuple[int, float, int, int, datetime, str]:
         load = loads.get(job.tenant_id, default)
-        at_risk = job.deadline is not None and job.deadline <= horizon
+        at_risk = job.deadline is not None and job.deadline <= horizon and not job.deadline_lost
         deadline = job.deadline.timestamp() if at_risk and job.deadline else math.inf
         share = math.floor(load.recent_docs / load.weight / settings.shard_size)
         priority = PRIORITIES.index(job.priority) if job.priority in PRIORITIES else 1

@@ -117,6 +117,9 @@ class Job(Base):
     max_spill_cost: Mapped[float | None] = mapped_column(Float)
     estimate: Mapped[dict[str, Any] | None]
     router_note: Mapped[str | None] = mapped_column(Text)
+    # The router's verdict that the deadline will be missed on every route: the claim policy then
+    # runs the job after the jobs that can still meet theirs, and nothing of it spills.
+    deadline_lost: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -12,14 +12,15 @@ from typing import Any
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.route_plans import Spilled, plan_deadline, plan_take_back
+from control.route_plans import Spilled, misses_deadline, plan_deadline, plan_take_back
 from control.router import route_tick
 from postroom.backlog import drain_rates
 from postroom.db.models import Job, Shard, Worker
+from postroom.policy import claim_best
 from postroom.queue import QUEUE_SPILL, Celery, gpu_queue, queue_depth, trim_queue
 from postroom.settings import Settings
 from postroom.tenants import ensure_tenant
@@ -88,6 +89,18 @@ def test_without_a_spill_measurement_what_the_gpus_cannot_finish_spills() -> Non
             new = plan_deadline(SHARDS, **args, spill_ahead=10**6, spill_rate=None)
             assert new == _old_plan(SHARDS, **args), args
     assert plan_deadline(SHARDS, ahead=50, rate=100, seconds_left=3) == ([2, 3, 4, 5, 6, 7], 200)
+
+
+def test_a_job_misses_its_deadline_when_either_part_of_its_split_finishes_late() -> None:
+    # GPUs: 100 docs/s behind 200; spill: 50 docs/s behind 100; due in 5 s
+    args: dict[str, Any] = {"ahead": 200, "rate": 100, "spill_ahead": 100, "spill_rate": 50}
+    assert not misses_deadline(kept=300, spilled=100, seconds_left=5, **args)  # 5 s and 4 s
+    assert misses_deadline(kept=301, spilled=100, seconds_left=5, **args)  # the GPUs' part
+    assert misses_deadline(kept=300, spilled=151, seconds_left=5, **args)  # spill's part
+    # Spill not measured yet counts as instant; nothing kept finishes at once
+    assert not misses_deadline(kept=0, spilled=10**6, seconds_left=0.5, ahead=10**6, rate=1)
+    # A deadline already past is missed by any work
+    assert misses_deadline(kept=1, spilled=0, seconds_left=-1, ahead=0, rate=10**6)
 
 
 # -- taking spilled shards back
@@ -507,3 +520,64 @@ def test_a_route_that_started_within_the_window_is_measured_from_its_start(
     finally:
         with sessions.begin() as session:
             session.execute(delete(Job).where(Job.id == job))
+
+
+def test_a_job_that_misses_its_deadline_anyway_does_not_make_the_next_one_miss_too(
+    scene: Scene,
+) -> None:
+    sessions, home, now = scene.sessions, scene.home, scene.now
+    report = {"spill": {"breaker_open": False, "capacity_docs_per_s": 10.0}}
+    with sessions.begin() as session:
+        # Given GPUs that drain ~100 docs/s and a spill route that finishes 10 docs/s …
+        _add_worker(session, scene.gpu, route="gpu", models=[scene.alias], stats={})
+        _add_worker(session, scene.spill, route="spill", models=[], stats=report)
+        history = scene.job(session, status="completed")
+        done = {"state": "done", "route": "gpu", "finished_at": now, "queue": home}
+        _add_shards(session, history, range(1), docs=6000, **done)
+        # … a job of 800 docs due in 2 s (8 s on the GPUs, 80 s on spill: lost either way) …
+        lost = scene.job(
+            session, deadline=now + timedelta(seconds=2), created_at=now, shard_count=8
+        )
+        _add_shards(session, lost, range(8), queue=home, enqueued_at=now)
+        # … and a later one of 500 due in 10 s: in time only if the lost job does not go first
+        later = scene.job(
+            session,
+            deadline=now + timedelta(seconds=10),
+            created_at=now + timedelta(seconds=1),
+            shard_count=5,
+        )
+        _add_shards(session, later, range(5), queue=home, enqueued_at=now)
+    held = _decisions("hold", "deadline lost")
+    # When the router ticks, nothing spills: spill would not save the first, the second needs
+    # no help once the first runs after it
+    assert scene.tick() == []
+    assert set(_queues(sessions, lost).values()) == {home}
+    assert set(_queues(sessions, later).values()) == {home}
+    with sessions() as session:
+        flags = dict(session.execute(select(Job.id, Job.deadline_lost)).tuples().all())
+    assert (flags[lost], flags[later]) == (True, False)
+    note = _router_note(sessions, lost) or ""
+    assert note.startswith("deadline lost: due in 2s"), note
+    assert _router_note(sessions, later) is None
+    assert _decisions("hold", "deadline lost") == held + 1
+    # And the claim policy takes the later job's shards first
+    with sessions.begin() as session:
+        got = claim_best(
+            session=session,
+            queue=home,
+            worker=scene.gpu,
+            lease_seconds=60,
+            route="gpu",
+            settings=scene.settings,
+        )
+    assert got is not None
+    assert got[0] == later
+    # Once the deadline is within reach again (here: moved out), the verdict is taken back
+    with sessions.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == lost).values(deadline=now + timedelta(seconds=60))
+        )
+    scene.tick()
+    assert _router_note(sessions, lost) is None
+    with sessions() as session:
+        assert session.scalar(select(Job.deadline_lost).where(Job.id == lost)) is False

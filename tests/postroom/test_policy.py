@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from postroom.db.models import Shard, Tenant
+from postroom.db.models import Job, Shard, Tenant
 from postroom.policy import ClaimContended, TenantLoad, WaitingJob, claim_best, rank_jobs
 from postroom.settings import Settings
 from tests.postroom.jobrows import claim, finish, make_job
@@ -81,6 +81,26 @@ def test_priority_then_deadline_at_risk_then_age(
     # A deadline two days out is not at risk: it waits its turn by age, like `old`.
     assert [got[0] if got else None for got in order] == [high, soon, late, old, far, low]
     assert _claim_best(sessions, settings, queue) is None
+
+
+def test_a_job_whose_deadline_is_lost_runs_after_those_that_can_still_meet_theirs(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    queue = _queue()
+    now = datetime.now(UTC)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    lost = make_job(sessions, sizes=(5,), queue=queue, tenant=tenant, deadline=now)
+    sooner = make_job(
+        sessions, sizes=(5,), queue=queue, tenant=tenant, deadline=now + timedelta(seconds=60)
+    )
+    later = make_job(
+        sessions, sizes=(5,), queue=queue, tenant=tenant, deadline=now + timedelta(seconds=90)
+    )
+    with sessions.begin() as session:  # the router's verdict (control/router.py)
+        session.execute(update(Job).where(Job.id == lost).values(deadline_lost=True))
+    order = [_claim_best(sessions, settings, queue) for _ in range(3)]
+    # Earliest deadline first, but the job that misses its deadline anyway goes last
+    assert [got[0] if got else None for got in order] == [sooner, later, lost]
 
 
 def test_suspects_are_left_to_their_own_doorbells(
