@@ -149,11 +149,9 @@ class _Plan:
 def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
     """The shards of one job that should spill, and why."""
     shards = tick.waiting.get(job.id, [])
-    if job.spill == "never":
-        return _Plan([])
     if job.spill == "always":
         return _Plan([s for s, _ in shards], "always: the job's policy")
-    if job.model not in tick.alive:
+    if job.spill == "auto" and job.model not in tick.alive:
         return _Plan(
             [s for s, _ in shards],
             f"gpu down: no worker for {job.model!r} sent a heartbeat in {settings.gpu_dead_after}s",
@@ -164,6 +162,12 @@ def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
         return _Plan([])
     seconds_left = (job.deadline - tick.now).total_seconds()
     ahead = tick.ahead.get(queue, 0)
+    gpus_say = f"GPUs drain {rate:.1f} docs/s with {ahead} docs ahead"
+    if job.spill == "never":
+        docs = sum(d for _, d in shards)
+        if misses_deadline(kept=docs, spilled=0, ahead=ahead, rate=rate, seconds_left=seconds_left):
+            return _lost(seconds_left, f"{gpus_say}; the job may not spill")
+        return _Plan([])
     to_spill, kept = plan_deadline(
         shards,
         ahead=ahead,
@@ -189,19 +193,25 @@ def _plan_spill(tick: _Tick, job: Any, settings: Settings) -> _Plan:
         spill_ahead=tick.spill_docs,
         spill_rate=tick.spill_rate,
     ):
-        # Triage: spilling would not save it, and on the GPUs it would make the jobs behind it
-        # miss theirs too; it runs when they have what they need (postroom.policy).
-        return _Plan(
-            [],
-            held=f"deadline lost: due in {seconds_left:.0f}s; GPUs drain {rate:.1f} docs/s with "
-            f"{ahead} docs ahead; {tick.spill_says} with {tick.spill_docs} docs ahead; it runs "
-            "after the jobs that can still meet theirs",
-            lost=True,
+        return _lost(
+            seconds_left, f"{gpus_say}; {tick.spill_says} with {tick.spill_docs} docs ahead"
         )
     return _Plan(
         to_spill,
-        f"deadline: due in {seconds_left:.0f}s: GPUs drain {rate:.1f} docs/s with {ahead} docs "
-        f"ahead; {tick.spill_says} with {tick.spill_docs} docs ahead",
+        f"deadline: due in {seconds_left:.0f}s: {gpus_say}; {tick.spill_says} with "
+        f"{tick.spill_docs} docs ahead",
+    )
+
+
+def _lost(seconds_left: float, why: str) -> _Plan:
+    """Triage: a job that misses its deadline on every route spills nothing (it would not be
+    saved), and runs after the jobs that can still meet theirs (postroom.policy), which it would
+    otherwise make miss theirs too."""
+    return _Plan(
+        [],
+        held=f"deadline lost: due in {seconds_left:.0f}s; {why}; it runs after the jobs that can "
+        "still meet theirs",
+        lost=True,
     )
 
 

@@ -522,8 +522,9 @@ def test_a_route_that_started_within_the_window_is_measured_from_its_start(
             session.execute(delete(Job).where(Job.id == job))
 
 
+@pytest.mark.parametrize("policy", ["auto", "never"])
 def test_a_job_that_misses_its_deadline_anyway_does_not_make_the_next_one_miss_too(
-    scene: Scene,
+    scene: Scene, policy: str
 ) -> None:
     sessions, home, now = scene.sessions, scene.home, scene.now
     report = {"spill": {"breaker_open": False, "capacity_docs_per_s": 10.0}}
@@ -534,9 +535,14 @@ def test_a_job_that_misses_its_deadline_anyway_does_not_make_the_next_one_miss_t
         history = scene.job(session, status="completed")
         done = {"state": "done", "route": "gpu", "finished_at": now, "queue": home}
         _add_shards(session, history, range(1), docs=6000, **done)
-        # … a job of 800 docs due in 2 s (8 s on the GPUs, 80 s on spill: lost either way) …
+        # … a job of 800 docs due in 2 s (8 s on the GPUs, 80 s on spill: lost either way, and if
+        # it may not spill at all) …
         lost = scene.job(
-            session, deadline=now + timedelta(seconds=2), created_at=now, shard_count=8
+            session,
+            deadline=now + timedelta(seconds=2),
+            created_at=now,
+            shard_count=8,
+            spill=policy,
         )
         _add_shards(session, lost, range(8), queue=home, enqueued_at=now)
         # … and a later one of 500 due in 10 s: in time only if the lost job does not go first
@@ -558,6 +564,7 @@ def test_a_job_that_misses_its_deadline_anyway_does_not_make_the_next_one_miss_t
     assert (flags[lost], flags[later]) == (True, False)
     note = _router_note(sessions, lost) or ""
     assert note.startswith("deadline lost: due in 2s"), note
+    assert ("may not spill" in note) == (policy == "never"), note
     assert _router_note(sessions, later) is None
     assert _decisions("hold", "deadline lost") == held + 1
     # And the claim policy takes the later job's shards first
