@@ -33,15 +33,18 @@ def plan_deadline(
     `unclaimed` is (shard_no, docs) in queue order. `ahead` documents are before them on the GPUs,
     which drain `rate` docs/s; `spill_ahead` documents wait or run on the spill route, which drains
     `spill_rate` docs/s (None: not measured yet, so spill counts as instant). A shard the GPUs
-    finish before the deadline stays; one they do not spills only if spill would finish it `margin`
-    times sooner than the GPUs.
+    finish before the deadline stays; one they do not spills if spill finishes it before the
+    deadline, or (a deadline lost either way) `margin` times sooner than the GPUs. Either way
+    the GPUs would not finish it sooner than spill, let alone `margin` times sooner, so
+    `plan_take_back` leaves it there.
     """
     kept = spilled = 0
     to_spill: list[int] = []
     for shard_no, docs in unclaimed:
         gpu_finish = (ahead + kept + docs) / rate
+        spill_finish = 0.0 if spill_rate is None else (spill_ahead + spilled + docs) / spill_rate
         if gpu_finish > seconds_left and (
-            spill_rate is None or (spill_ahead + spilled + docs) / spill_rate * margin < gpu_finish
+            spill_finish <= seconds_left or spill_finish * margin < gpu_finish
         ):
             to_spill.append(shard_no)
             spilled += docs

@@ -81,6 +81,17 @@ def test_an_unmeetable_deadline_spills_only_what_spill_finishes_sooner() -> None
     assert kept == 500
 
 
+def test_a_shard_spill_finishes_in_time_spills_though_not_margin_times_sooner() -> None:
+    # GPUs: 100 docs/s behind 400, due in 7 s: shards 0-2 finish in 5, 6, 7 s; shard 3 at 8 s.
+    # Spill: 20 docs/s behind 40 docs: shard 3 would finish there in 7 s, in time (sooner than
+    # 8 s, but not 1.25 x sooner); the next would take 12 s there, too late on both routes.
+    spill, kept = plan_deadline(
+        SHARDS, ahead=400, rate=100, seconds_left=7, spill_ahead=40, spill_rate=20, margin=MARGIN
+    )
+    assert spill == [3]
+    assert kept == 700
+
+
 def test_without_a_spill_measurement_what_the_gpus_cannot_finish_spills() -> None:
     for ahead in (0, 150, 400, 2000):
         for seconds_left in (-1.0, 0.0, 2.5, 6.0, 30.0):
@@ -168,24 +179,25 @@ def test_an_idle_unmeasured_gpu_takes_back_one_shard_to_measure_itself(
     assert plan_take_back(backlog, ahead={"gpu.m": 100}, rates={}, **common) == []
 
 
+@pytest.mark.parametrize("seconds_left", [0.0, 6.0, 15.0])
 @pytest.mark.parametrize("spill_rate", [5.0, 20.0, 60.0, 150.0, 400.0])
 @pytest.mark.parametrize("ahead", [0, 300, 1500, 6000])
 def test_plan_then_take_back_with_the_same_numbers_moves_nothing(
-    spill_rate: float, ahead: int
+    spill_rate: float, ahead: int, seconds_left: float
 ) -> None:
     job = uuid.uuid4()
     running = 200
-    # Given a job due now whose shards the router splits between the routes …
+    # Given a job due now (or soon) whose shards the router splits between the routes …
     spill, kept = plan_deadline(
         SHARDS,
         ahead=ahead,
         rate=100,
-        seconds_left=0,
+        seconds_left=seconds_left,
         spill_ahead=running,
         spill_rate=spill_rate,
         margin=MARGIN,
     )
-    if spill_rate >= 60.0:
+    if spill_rate >= 60.0 and ahead >= 1500:
         assert spill, "a fast enough spill route takes shards"
     spilled = [(n, d) for n, d in SHARDS if n in spill]
     # … the next tick, with the same numbers, takes none of them back
