@@ -21,6 +21,11 @@ finish them sooner.
   deadline work spills (the job's `router_note` says the deadline is at risk and why) and every
   unclaimed spilled shard of an `auto` job whose GPUs are up goes back to them. A job whose GPUs
   are down, or whose policy is `always`, still spills: nothing else could run it.
+- Triage: a deadline job that misses its deadline even split between the routes at their rates
+  (`route_plans.misses_deadline`; for a `never` job, on the GPUs alone) is marked
+  `deadline_lost`. Nothing of it spills, it is left out of the GPU backlog the next jobs are
+  planned behind, and the claim policy runs it after the jobs that can still meet theirs; a later
+  tick takes the verdict back if the deadline comes within reach.
 - `max_spill_cost` caps what a job may spend: spilled shards are costed with the job's estimate,
   and past the cap the job waits for the GPUs and says so in `router_note`.
 

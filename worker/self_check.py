@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from postroom.db.models import Shard
 from postroom.domain import DEFAULT_INSTRUCTIONS, DocResult, JobSpec, Label
@@ -75,7 +76,7 @@ def give_back_all(runtime: Runtime, celery: Celery) -> int:
 
 
 def _queues(
-    session: Any, keys: Sequence[tuple[uuid.UUID, int]]
+    session: Session, keys: Sequence[tuple[uuid.UUID, int]]
 ) -> list[tuple[uuid.UUID, int, str]]:
     if not keys:
         return []
