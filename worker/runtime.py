@@ -82,6 +82,38 @@ class Admission:
                 self._cond.notify_all()
 
 
+class ClaimGate:
+    """Around each claim and its `hold` (`with gate() as open_:`): once closed, claims nothing
+    (`open_` is False), and `close` waits for the claims under way, so the leases then held are
+    every shard this process will ever have claimed (it is about to exit: worker/self_check.py)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._open = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[bool]:
+        with self._cond:
+            open_ = not self._closed
+            self._open += open_
+        if not open_:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify_all()
+
+    def close(self, *, timeout: float = 30.0) -> bool:
+        """Whether every claim under way finished within `timeout`."""
+        with self._cond:
+            self._closed = True
+            return self._cond.wait_for(lambda: self._open == 0, timeout=timeout)
+
+
 class Runtime:
     """Everything a task needs, built once per worker process (never at import)."""
 
@@ -109,6 +141,7 @@ class Runtime:
         self._leases: dict[tuple[uuid.UUID, int], int] = {}
         self._leases_lock = threading.Lock()
         self._recent_jobs: list[uuid.UUID] = []
+        self.claiming = ClaimGate()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self.docs_done = 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from postroom.backlog import shard_admission
 from postroom.domain import DocResult, JobSpec, JobStatus
@@ -142,9 +143,8 @@ def _run_admitted(
 
 
 def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
-    job_id, shard_no, attempt = run.job_id, run.shard_no, run.claimed.attempt
-    runtime.hold(job_id, shard_no, attempt)
-    try:
+    job_id, shard_no = run.job_id, run.shard_no
+    try:  # held since the claim (_claimed)
         docs = list(runtime.storage.iter_jsonl(input_shard_key(job_id, shard_no)))
         run.mark("read")
         # Attempts are counted at claim time, so a worker that crashed on this shard counted too.
@@ -181,8 +181,7 @@ def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
 
 
 def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | None:
-    started = time.monotonic()
-    with runtime.sessions.begin() as session:
+    def claim(session: Session) -> tuple[uuid.UUID, int, Claimed] | None:
         claimed = claim_shard(
             session=session,
             job_id=job_id,
@@ -191,18 +190,14 @@ def _claim(runtime: Runtime, job_id: uuid.UUID, shard_no: int) -> ShardRun | Non
             lease_seconds=runtime.settings.lease_seconds,
             route=runtime.route,
         )
-        if claimed is None:
-            return None
-        order = work_order(session=session, job_id=job_id)
-    run = ShardRun(job_id, shard_no, claimed, order, marks={"started": started})
-    run.mark("claimed")
-    return run
+        return None if claimed is None else (job_id, shard_no, claimed)
+
+    return _claimed(runtime, claim)
 
 
 def _claim_best(runtime: Runtime, queue: str) -> ShardRun | None:
-    started = time.monotonic()
-    with runtime.sessions.begin() as session:
-        got = claim_best(
+    def claim(session: Session) -> tuple[uuid.UUID, int, Claimed] | None:
+        return claim_best(
             session=session,
             queue=queue,
             worker=runtime.name,
@@ -211,10 +206,26 @@ def _claim_best(runtime: Runtime, queue: str) -> ShardRun | None:
             settings=runtime.settings,
             prefer=runtime.jobs_in_hand(),
         )
-        if got is None:
+
+    return _claimed(runtime, claim)
+
+
+def _claimed(
+    runtime: Runtime, claim: Callable[[Session], tuple[uuid.UUID, int, Claimed] | None]
+) -> ShardRun | None:
+    """Claim and hold as one step, so a worker giving its shards back before it exits
+    (worker/self_check.py) sees every shard it claimed; a closing worker claims nothing."""
+    started = time.monotonic()
+    with runtime.claiming() as open_:
+        if not open_:
             return None
-        job_id, shard_no, claimed = got
-        order = work_order(session=session, job_id=job_id)
+        with runtime.sessions.begin() as session:
+            got = claim(session)
+            if got is None:
+                return None
+            job_id, shard_no, claimed = got
+            order = work_order(session=session, job_id=job_id)
+        runtime.hold(job_id, shard_no, claimed.attempt)
     run = ShardRun(job_id, shard_no, claimed, order, marks={"started": started})
     run.mark("claimed")
     return run
