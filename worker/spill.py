@@ -61,7 +61,8 @@ def check_client(settings: Settings) -> None:
     """Build (and close) the client a spill worker will use, before the worker starts.
 
     What fails here fails every call later: a missing or malformed POSTROOM_SPILL_BASE_URL, or a
-    missing HTTP library (httpx builds its transport, and imports httpcore, only now). An
+    missing library (httpx builds its transport, and imports httpcore, only now; the SDK imports
+    its chat-completions path, and jiter with it, only on first use). An
     endpoint that is down is not checked: that is transient, and the breaker handles it.
     """
     if not settings.spill_base_url:
@@ -81,7 +82,11 @@ def check_client(settings: Settings) -> None:
         )
 
     async def build() -> None:
-        await new_client(settings).close()
+        client = new_client(settings)
+        try:
+            assert client.chat.completions is not None  # imported on first use: now, not mid-job
+        finally:
+            await client.close()
 
     try:
         asyncio.run(build())

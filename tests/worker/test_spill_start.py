@@ -1,6 +1,7 @@
 """A spill worker that could never call the managed API refuses to start, naming what to fix,
 instead of heartbeating as alive while every shard it takes fails (the router would keep sending
-it work). What is checked: the base URL, and that the HTTP client can be built at all."""
+it work). What is checked: the base URL, and that the HTTP client can be built and its
+chat-completions path imported at all."""
 
 from __future__ import annotations
 
@@ -43,20 +44,22 @@ def test_a_spill_worker_without_a_usable_base_url_refuses_to_start(
     assert says in " ".join(done.stderr.split())
 
 
-def test_a_spill_worker_missing_its_http_library_refuses_to_start(
-    env: dict[str, str], tmp_path: Path
+@pytest.mark.parametrize("module", ["httpcore2", "jiter"])
+def test_a_spill_worker_missing_a_library_of_its_client_refuses_to_start(
+    env: dict[str, str], tmp_path: Path, module: str
 ) -> None:
-    # What happened on the offline GPU host: the carried bundle had openai and httpx2 but not
-    # httpcore2, which httpx2 imports only when the client is built. Uninstalling it from the
-    # shared virtualenv is not an option, so a package of that name that fails to import is put
-    # first on the path.
-    broken = tmp_path / "httpcore2"
+    # What happened on the offline GPU host, twice: the carried bundle had openai and httpx2 but
+    # not httpcore2, which httpx2 imports only when the client is built; then not jiter, which the
+    # SDK imports on its first chat completion (the worker died on its first shard, mid-job).
+    # Uninstalling from the shared virtualenv is not an option, so a package of that name that
+    # fails to import is put first on the path.
+    broken = tmp_path / module
     broken.mkdir()
     (broken / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'httpcore2'\", name='httpcore2')\n"
+        f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n"
     )
     done = _start(env, "http://127.0.0.1:9/v1", PYTHONPATH=str(tmp_path))
     assert done.returncode == 3, done.stderr
     said = " ".join(done.stderr.split())
     assert "cannot build the managed API client" in said
-    assert "No module named 'httpcore2'" in said
+    assert f"No module named '{module}'" in said

