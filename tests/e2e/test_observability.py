@@ -18,9 +18,13 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 import postroom.metrics
 import postroom.postgres_metrics
+from postroom.db.models import Job, Shard
+from postroom.domain import SHARD_CLAIMABLE, ShardState
 from postroom.settings import Settings
 from postroom_cli.client import Client
 from postroom_cli.local import free_port, http_ok, postroom_command, spawn, stop
@@ -94,6 +98,17 @@ def submit(client: Client, tmp: Path, docs: list[dict[str, Any]], **params: Any)
     return client.upload(path, {"labels": ",".join(LABELS), "model": "tiny", **params})
 
 
+def _waiting_shards(sessions: sessionmaker[Session], queue: str) -> list[tuple[Any, ...]]:
+    with sessions() as session:
+        rows = session.execute(
+            select(Job.id, Job.status, Job.created_at, Shard.shard_no, Shard.state, Shard.attempt)
+            .join(Job, Job.id == Shard.job_id)
+            .where(Shard.queue == queue, Shard.state.in_([*SHARD_CLAIMABLE, ShardState.running]))
+            .limit(20)
+        ).all()
+    return [tuple(row) for row in rows]
+
+
 def marked_docs(count: int, marker: str, *, seed: int) -> list[dict[str, Any]]:
     """Documents carrying `marker` in their text, so logs can be searched for document text."""
     return [{**d, "text": f"{d['text']} {marker}"} for d in make_docs(count, seed=seed)]
@@ -106,6 +121,7 @@ def test_metrics_move_during_a_job(
     worker: subprocess.Popen[bytes],
     beat_metrics: str,
     tmp_path: Path,
+    sessions: sessionmaker[Session],
 ) -> None:
     worker_url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
     api_metrics = f"{api_url}/metrics"
@@ -172,7 +188,10 @@ def test_metrics_move_during_a_job(
             else None
         )
 
-    api = wait_until(drained, timeout=30, what="gpu.tiny queue depth back to 0")
+    try:
+        api = wait_until(drained, timeout=90, what="gpu.tiny queue depth back to 0")
+    except TimeoutError as e:  # say what still waits: it is the whole deployment's queue
+        raise AssertionError(f"{e}; waiting: {_waiting_shards(sessions, 'gpu.tiny')}") from e
     assert value(api, "postroom_queue_depth_documents", queue="gpu.tiny") == 0
     assert value(api, "postroom_queue_running_shards", queue="gpu.tiny") == 0
     assert {"queue": "spill"} in labelsets(api, "postroom_queue_depth_shards")
