@@ -15,7 +15,12 @@
 #   run(command="bash bench/gpu/quant_on_device.sh --models smollm2 --docs 0", carry=[".gpu-smol-2"])
 #   run(command="bash bench/gpu/quant_on_device.sh --models 1.5b --docs 4000")
 # After a call of bench/gpu/stack/run_on_device.sh on the same machine, the random-weight shapes
-# need no carry at all (the services archive it unpacked has pydantic-settings).
+# need no carry at all (the services archive it unpacked has pydantic-settings). On a fresh
+# machine, one call does them: .gpu/extra with only the wheels they need beyond the vLLM bundle
+#   pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/extra \
+#     pydantic-settings==2.16.3 python-dotenv==1.2.4 compressed-tensors==0.17.0 loguru==0.7.3
+#   run(command="bash bench/gpu/quant_on_device.sh --models 1.5b --docs 4000",
+#       carry=[".gpu/vllm-0.26.0-sm90.tar.xz", ".gpu/device_env.sh", ".gpu/extra"])
 # `--models smollm2` means the joined GGUF file; other arguments go to bench/gpu/quant.py.
 # Results: $OUT/quant-*.json (OUT defaults to bench/results), the engines' logs in $OUT.
 set -eo pipefail
