@@ -96,7 +96,8 @@ class ClaimGate:
     def __call__(self) -> Iterator[bool]:
         with self._cond:
             open_ = not self._closed
-            self._open += open_
+            if open_:
+                self._open += 1
         if not open_:
             yield False
             return

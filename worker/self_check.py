@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the runtime builds BrokenClassifier from here
 logger = logging.getLogger(__name__)
 
 PROBE_DOC = {"id": "self-check", "text": "Hello, I have a question about my account.", "line": 1}
+# How long a broken worker waits for its other threads' claims before giving its shards back.
+CLAIMS_WAIT_SECONDS = 30.0
 PROBE_LABELS = [Label(name="question"), Label(name="complaint")]
 
 
@@ -57,8 +59,11 @@ def give_back_all(runtime: Runtime, celery: Celery) -> int:
     """Release every shard this worker holds (not counted as crashes) and ring their doorbells,
     since the process is about to exit. Fenced: a shard another worker took meanwhile is left.
     Claims close first, so no shard claimed by another thread meanwhile is left out (counted)."""
-    if not runtime.claiming.close():
-        logger.warning("a claim still under way after 30 s; a shard it took will wait its lease")
+    if not runtime.claiming.close(timeout=CLAIMS_WAIT_SECONDS):
+        logger.warning(
+            "a claim still under way after %.0f s; a shard it took will wait out its lease",
+            CLAIMS_WAIT_SECONDS,
+        )
     held = runtime.leases()
     if not held:
         return 0
