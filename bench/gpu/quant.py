@@ -215,16 +215,29 @@ def main() -> int:
                 "gpu_memory_utilization": args.gpu_memory_utilization,
                 "kv_cache_bytes": args.kv_cache_bytes,
             }
-            result = run_child(cfg, work, log)
+            try:
+                result = run_child(cfg, work, log)
+            except subprocess.CalledProcessError as exc:
+                # One engine that will not start (a quantization this build lacks) must not
+                # cost the runs already made: record why, from the end of its log, and go on.
+                tail = log.read_text(errors="replace").splitlines()[-20:]
+                rows.append({"model": name, "quantization": quant, "error": str(exc), "log": tail})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             rows.append(summarise(name, quant, data, result, base))
             base = base if base is not None else result["labels"]
             print(json.dumps(rows[-1]), flush=True)
+            write(args.out, args.device, rows)
+    write(args.out, args.device, rows)
     print(
         f"\n| model | quantization | docs | docs/s | agreement with {rows[0]['quantization']} "
         "| accuracy |"
     )
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['quantization']} | failed: {r['error']} | | | |")
+            continue
         agree = (
             "-" if r["agreement_with_baseline"] is None else f"{r['agreement_with_baseline']:.3f}"
         )
@@ -233,10 +246,14 @@ def main() -> int:
             f"| {r['model']} | {r['quantization']} | {r['docs']} | {r['docs_per_second']:,.1f} "
             f"| {agree} | {acc} |"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": args.device, "runs": rows}, indent=2))
     print(f"\nwritten to {args.out}")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write(out: str, device: str, rows: list[dict[str, Any]]) -> None:
+    """The JSON so far: a call cut by its time limit still returns the runs it made."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"device": device, "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":
