@@ -196,7 +196,11 @@ def _insert_rejected(*, session: Session, job: Job, new: NewJob) -> None:
         for r in new.rejected
     ]
     insert_routed(
-        session, insert(Result), rows, job_id=new.job_id, job_created_at=created_at, part=part
+        session,
+        lambda: session.execute(insert(Result), rows),
+        job_id=new.job_id,
+        job_created_at=created_at,
+        part=part,
     )
 
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Connection, Engine, Executable, select, text
+from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -166,22 +165,16 @@ def results_part(job_id: uuid.UUID, *, own_partition: bool) -> uuid.UUID:
 
 def insert_routed(
     session: Session,
-    statement: Executable,
-    rows: Sequence[dict[str, Any]],
+    write: Callable[[], object],
     *,
     job_id: uuid.UUID,
     job_created_at: datetime,
     part: uuid.UUID,
-    batch: int = 1000,
 ) -> None:
-    """Insert (or upsert) result rows of one job, `batch` per statement. When no partition
-    takes them (their day's, or the job's own, is not made yet), make it, on a connection of
-    its own so no DDL lock joins the caller's transaction, and write them again. A job being
-    deleted gets no new partition: the write fails as before."""
-
-    def write() -> None:
-        for start in range(0, len(rows), batch):
-            session.execute(statement, rows[start : start + batch])
+    """Run `write`, which inserts (or upserts) result rows of one job. When no partition takes
+    them (their day's, or the job's own, is not made yet), make it, on a connection of its own
+    so no DDL lock joins the caller's transaction, and write them again. A job being deleted
+    gets no new partition: the write fails as before."""
 
     try:
         with session.begin_nested():
