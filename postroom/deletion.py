@@ -22,10 +22,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from postroom.cancelling import cancel_active_job
 from postroom.db.batch_models import File
 from postroom.db.inbox_models import InboxObject
 from postroom.db.models import Job, Shard
-from postroom.domain import JOB_ACTIVE, JobStatus, ShardState
+from postroom.domain import JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.keys import (
     done_key,
@@ -40,7 +41,6 @@ from postroom.keys import (
     output_file_id,
 )
 from postroom.partitions import drop_job_partition, results_part
-from postroom.shards import cancel_unclaimed
 from postroom.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -73,17 +73,11 @@ def mark_deleted(*, session: Session, tenant_id: uuid.UUID | None, job_id: uuid.
     row = session.execute(select(Job.tenant_id, Job.total_docs).where(Job.id == job_id)).first()
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"no job {job_id}; check the id (jobs of other tenants are not visible)")
+    # Cancel before the stamp: its shard rows are locked before the job row (cancel_active_job).
+    cancel_active_job(session=session, job_id=job_id)
     session.execute(
         update(Job).where(Job.id == job_id, Job.deleted_at.is_(None)).values(deleted_at=func.now())
     )
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(JOB_ACTIVE))
-        .values(status=JobStatus.cancelled, finished_at=func.now())
-        .returning(Job.id)
-    ).scalar_one_or_none()
-    if cancelled is not None:
-        cancel_unclaimed(session=session, job_id=job_id)
     logger.info("job %s marked for deletion", job_id)
     return int(row.total_docs)
 

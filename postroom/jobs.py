@@ -17,13 +17,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from postroom.cancelling import cancel_active_job
 from postroom.db.models import Job, Result, Shard
 from postroom.domain import JOB_ACTIVE, SPILL_ROUTES, JobSpec, JobStatus, ShardState
 from postroom.errors import NotFound
 from postroom.intake import Rejected
 from postroom.partitions import ensure_job_partition, insert_routed, results_part
 from postroom.shard_numbers import EARLY_SHARD_BASE
-from postroom.shards import add_shards, cancel_unclaimed, complete_job_if_done
+from postroom.shards import add_shards, complete_job_if_done
 from postroom.webhooks import enqueue_job_event
 
 logger = logging.getLogger(__name__)
@@ -223,14 +224,7 @@ def cancel_job(
     """Stop what has not started. Running shards finish; finished results stay. The webhook
     `event` (job.cancelled, or job.expired when its time ran out) commits with the change."""
     job = find_job(session=session, tenant_id=tenant_id, job_id=job_id)
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(JOB_ACTIVE))
-        .values(status=JobStatus.cancelled, finished_at=func.now())
-        .returning(Job.id)
-    ).scalar_one_or_none()
-    if changed is not None:
-        cancel_unclaimed(session=session, job_id=job_id)
+    if cancel_active_job(session=session, job_id=job_id):
         enqueue_job_event(session=session, job_id=job_id, event=event)
     session.refresh(job)
     return job

@@ -306,15 +306,6 @@ def complete_job_if_done(*, session: Session, job_id: uuid.UUID) -> bool:
     return True
 
 
-def cancel_unclaimed(*, session: Session, job_id: uuid.UUID) -> None:
-    """Cancel the shards of a job that no worker holds (running ones finish)."""
-    session.execute(
-        update(Shard)
-        .where(Shard.job_id == job_id, Shard.state.in_(SHARD_CLAIMABLE))
-        .values(state=ShardState.cancelled, finished_at=func.now())
-    )
-
-
 def expire_leases(*, session: Session) -> int:
     """Mark running shards whose lease ran out as `expired` (their worker died or hung)."""
     result = session.execute(

@@ -1,0 +1,36 @@
+"""Cancelling a job: the shards no worker holds stop, running ones finish (their results stay)."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from postroom.db.models import Job, Shard
+from postroom.domain import JOB_ACTIVE, SHARD_CLAIMABLE, JobStatus, ShardState
+
+
+def cancel_active_job(*, session: Session, job_id: uuid.UUID) -> bool:
+    """Cancel a job that is still active, and its shards that no worker holds (running ones
+    finish); False when the job had ended already.
+
+    The shard rows are locked before the job row. A worker's claim locks its shard row, then the
+    job row (claim_shard); taking the job row first here deadlocks with it, and Postgres ends
+    one of the two (the API would answer 500). A job that ends between the read and the update
+    has no claimable shard left (or was cancelled by another call): the shards' update is moot."""
+    status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+    if status not in JOB_ACTIVE:
+        return False
+    session.execute(
+        update(Shard)
+        .where(Shard.job_id == job_id, Shard.state.in_(SHARD_CLAIMABLE))
+        .values(state=ShardState.cancelled, finished_at=func.now())
+    )
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(JOB_ACTIVE))
+        .values(status=JobStatus.cancelled, finished_at=func.now())
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return cancelled is not None

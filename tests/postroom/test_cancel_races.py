@@ -1,0 +1,86 @@
+"""A cancel (or a delete) racing a worker's claim of the same job, against real Postgres.
+
+The claim locks its shard row, then the job row; a cancel that took the job row first and then
+the shard rows deadlocked with it, and Postgres ended one of the two: the API answered 500 (seen
+in CI through the OpenAI batch cancel). Here the claim's first lock is held open, the cancel is
+let run until it waits on that lock, and then the claim takes the job row: both must go through.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from postroom.db.models import Job, Shard
+from postroom.deletion import mark_deleted
+from postroom.domain import ShardState
+from postroom.jobs import cancel_job
+from postroom.shards import claim_shard
+from tests.postroom.jobrows import job_status, make_job, shard_row
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.usefixtures("stop_jobs_made_here")
+
+
+def by_cancel(session: Session, job_id: uuid.UUID) -> None:
+    tenant_id = session.get_one(Job, job_id).tenant_id
+    cancel_job(session=session, tenant_id=tenant_id, job_id=job_id)
+
+
+def by_delete(session: Session, job_id: uuid.UUID) -> None:
+    mark_deleted(session=session, tenant_id=None, job_id=job_id)
+
+
+def waits_on_a_lock(sessions: sessionmaker[Session], pid: int) -> bool:
+    with sessions() as session:
+        waiting = session.execute(
+            text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        ).scalar_one_or_none()
+    return waiting == "Lock"
+
+
+@pytest.mark.parametrize("stop", [by_cancel, by_delete], ids=["cancel", "delete"])
+def test_a_cancel_and_a_claim_of_the_same_job_both_go_through(
+    sessions: sessionmaker[Session], stop: Callable[[Session, uuid.UUID], None]
+) -> None:
+    # Given a queued job of three shards, and a worker's claim that holds shard 0's row lock
+    job_id = make_job(sessions, sizes=(3, 3, 3))
+    claimer = sessions()
+    claimer.begin()
+    claimer.execute(text("SET LOCAL statement_timeout = '20s'"))
+    claimer.execute(
+        select(Shard.shard_no)
+        .where(Shard.job_id == job_id, Shard.shard_no == 0)
+        .with_for_update(key_share=True)
+    )
+
+    def stopping() -> None:
+        with sessions.begin() as session:
+            session.execute(text("SET LOCAL statement_timeout = '20s'"))
+            pids.append(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            stop(session, job_id)
+
+    pids: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        # When the cancel runs until it waits on that shard row
+        stopped = pool.submit(stopping)
+        wait_until(lambda: pids and waits_on_a_lock(sessions, pids[0]), timeout=30, what="a wait")
+        # and the claim then goes on to the job row, as claim_shard does
+        try:
+            claimed = claim_shard(
+                session=claimer, job_id=job_id, shard_no=0, worker="w1", lease_seconds=60
+            )
+            claimer.commit()
+        finally:
+            claimer.close()
+        # Then neither is ended as a deadlock: the claim holds shard 0, the cancel has the rest
+        stopped.result(timeout=30)
+    assert claimed is not None
+    assert job_status(sessions, job_id) == "cancelled"
+    assert shard_row(sessions, job_id, 0).state == ShardState.running  # it finishes
+    assert {shard_row(sessions, job_id, n).state for n in (1, 2)} == {ShardState.cancelled}
