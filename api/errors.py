@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postroom.errors import PostroomError, QuotaExceeded
@@ -24,6 +25,9 @@ HTTP_CODES = {
     408: "request_timeout",
     413: "payload_too_large",
 }
+# Postgres ended the request's transaction for a conflict with another (serialization failure,
+# deadlock, lock timeout): nothing it did was kept, and the same request again will go through.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 
 def error_response(
@@ -87,6 +91,19 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         details = [{"field": "body", "reason": "unreadable JSON"}] if status == 422 else None
         return error_response(status, code, message, details, headers=headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if getattr(exc.orig, "sqlstate", None) not in CONFLICT_SQLSTATES:
+            return await _unexpected(request, exc)
+        logger.warning("transaction ended by a conflict, answered 503: %s", exc.orig)
+        return error_response(
+            503,
+            "unavailable",
+            "the database ended this request for a conflict with another one at the same "
+            "moment; nothing was changed: send the same request again",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
