@@ -4,6 +4,10 @@ The claim locks its shard row, then the job row; a cancel that took the job row 
 the shard rows deadlocked with it, and Postgres ended one of the two: the API answered 500 (seen
 in CI through the OpenAI batch cancel). Here the claim's first lock is held open, the cancel is
 let run until it waits on that lock, and then the claim takes the job row: both must go through.
+
+An upload's seal holds the job row while it inserts the rest of the shards; a cancel that came
+meanwhile cancelled the shards it could see and left the sealed ones queued on a cancelled job
+(a worker then wrote their documents as failed, not cancelled).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from postroom.db.models import Job, Shard
 from postroom.deletion import mark_deleted
 from postroom.domain import ShardState
-from postroom.jobs import cancel_job
+from postroom.jobs import add_received_shards, cancel_job
 from postroom.shards import claim_shard
 from tests.postroom.jobrows import job_status, make_job, shard_row
 from tests.waiting import wait_until
@@ -84,3 +88,43 @@ def test_a_cancel_and_a_claim_of_the_same_job_both_go_through(
     assert job_status(sessions, job_id) == "cancelled"
     assert shard_row(sessions, job_id, 0).state == ShardState.running  # it finishes
     assert {shard_row(sessions, job_id, n).state for n in (1, 2)} == {ShardState.cancelled}
+
+
+@pytest.mark.parametrize("stop", [by_cancel, by_delete], ids=["cancel", "delete"])
+def test_a_cancel_during_an_upload_seal_cancels_the_sealed_shards_too(
+    sessions: sessionmaker[Session], stop: Callable[[Session, uuid.UUID], None]
+) -> None:
+    # Given an upload that started early (shards 0 and 1 are in) and whose seal holds the job
+    # row while it inserts shards 2 and 3
+    job_id = make_job(sessions, sizes=(), receiving=True)
+    with sessions.begin() as session:
+        assert add_received_shards(
+            session=session, job_id=job_id, first=0, sizes=[3, 3], queue="gpu.rows"
+        )
+    sealer = sessions()
+    sealer.begin()
+    sealer.execute(text("SET LOCAL statement_timeout = '20s'"))
+    assert add_received_shards(
+        session=sealer, job_id=job_id, first=2, sizes=[3, 3], queue="gpu.rows"
+    )
+
+    def stopping() -> None:
+        with sessions.begin() as session:
+            session.execute(text("SET LOCAL statement_timeout = '20s'"))
+            pids.append(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            stop(session, job_id)
+
+    pids: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        # When a cancel runs until it waits on the job row, and the seal then commits
+        stopped = pool.submit(stopping)
+        wait_until(lambda: pids and waits_on_a_lock(sessions, pids[0]), timeout=30, what="a wait")
+        try:
+            sealer.commit()
+        finally:
+            sealer.close()
+        stopped.result(timeout=30)
+    # Then the job and all four shards are cancelled: none is left queued for a worker
+    assert job_status(sessions, job_id) == "cancelled"
+    states = {n: shard_row(sessions, job_id, n).state for n in range(4)}
+    assert states == dict.fromkeys(range(4), ShardState.cancelled)
