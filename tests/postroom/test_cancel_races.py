@@ -13,8 +13,9 @@ meanwhile cancelled the shards it could see and left the sealed ones queued on a
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import select, text
@@ -48,6 +49,26 @@ def waits_on_a_lock(sessions: sessionmaker[Session], pid: int) -> bool:
     return waiting == "Lock"
 
 
+@contextmanager
+def stopping_until_it_waits(
+    sessions: sessionmaker[Session], stop: Callable[[Session, uuid.UUID], None], job_id: uuid.UUID
+) -> Iterator[Future[None]]:
+    """Run the cancel (or delete) in a thread of its own until it waits on a row lock; yields
+    its future, to be resolved once the lock is let go."""
+    pids: list[int] = []
+
+    def stopping() -> None:
+        with sessions.begin() as session:
+            session.execute(text("SET LOCAL statement_timeout = '20s'"))
+            pids.append(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            stop(session, job_id)
+
+    with ThreadPoolExecutor(1) as pool:
+        stopped = pool.submit(stopping)
+        wait_until(lambda: pids and waits_on_a_lock(sessions, pids[0]), timeout=30, what="a wait")
+        yield stopped
+
+
 @pytest.mark.parametrize("stop", [by_cancel, by_delete], ids=["cancel", "delete"])
 def test_a_cancel_and_a_claim_of_the_same_job_both_go_through(
     sessions: sessionmaker[Session], stop: Callable[[Session, uuid.UUID], None]
@@ -63,17 +84,8 @@ def test_a_cancel_and_a_claim_of_the_same_job_both_go_through(
         .with_for_update(key_share=True)
     )
 
-    def stopping() -> None:
-        with sessions.begin() as session:
-            session.execute(text("SET LOCAL statement_timeout = '20s'"))
-            pids.append(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
-            stop(session, job_id)
-
-    pids: list[int] = []
-    with ThreadPoolExecutor(1) as pool:
-        # When the cancel runs until it waits on that shard row
-        stopped = pool.submit(stopping)
-        wait_until(lambda: pids and waits_on_a_lock(sessions, pids[0]), timeout=30, what="a wait")
+    # When the cancel runs until it waits on that shard row
+    with stopping_until_it_waits(sessions, stop, job_id) as stopped:
         # and the claim then goes on to the job row, as claim_shard does
         try:
             claimed = claim_shard(
@@ -108,17 +120,8 @@ def test_a_cancel_during_an_upload_seal_cancels_the_sealed_shards_too(
         session=sealer, job_id=job_id, first=2, sizes=[3, 3], queue="gpu.rows"
     )
 
-    def stopping() -> None:
-        with sessions.begin() as session:
-            session.execute(text("SET LOCAL statement_timeout = '20s'"))
-            pids.append(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
-            stop(session, job_id)
-
-    pids: list[int] = []
-    with ThreadPoolExecutor(1) as pool:
-        # When a cancel runs until it waits on the job row, and the seal then commits
-        stopped = pool.submit(stopping)
-        wait_until(lambda: pids and waits_on_a_lock(sessions, pids[0]), timeout=30, what="a wait")
+    # When a cancel runs until it waits on the job row, and the seal then commits
+    with stopping_until_it_waits(sessions, stop, job_id) as stopped:
         try:
             sealer.commit()
         finally:
