@@ -23,8 +23,9 @@ def cancel_active_job(*, session: Session, job_id: uuid.UUID) -> bool:
     An upload's seal (postroom.jobs.add_received_shards) holds the job row while it inserts
     shards this first pass cannot see yet; once the job row is ours they are committed, and a
     second pass cancels them. It skips the rows another transaction holds (a claim that now
-    waits on the job row, and runs its shard as a running one finishes): waiting on a shard
-    while holding the job row is the deadlock above."""
+    waits on the job row; its worker then finds the job cancelled and ends the shard so,
+    postroom.shards.cancel_held): waiting on a shard while holding the job row is the deadlock
+    above."""
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
     if status not in JOB_ACTIVE:
         return False

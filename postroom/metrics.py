@@ -74,7 +74,8 @@ SHARD_SECONDS = Histogram(
 SHARDS = Counter(
     "postroom_shards_total",
     "Shards a worker stopped working, by route and outcome (committed, lease_lost, split, "
-    "released: given back after a transient error, failed_attempt: raised)",
+    "released: given back after a transient error, failed_attempt: raised, cancelled: its job "
+    "was cancelled as it was claimed)",
     ["route", "outcome"],
 )
 

@@ -201,6 +201,17 @@ def release_shard(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def cancel_held(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt: int) -> bool:
+    """End a held shard of a job cancelled as it was claimed (postroom.cancelling skips a shard a
+    claim holds): cancelled, no results. False: not held."""
+    result = session.execute(
+        update(Shard)
+        .where(_held(job_id, shard_no, attempt))
+        .values(state=ShardState.cancelled, lease_until=None, finished_at=func.now())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def fail_attempt(
     *, session: Session, job_id: uuid.UUID, shard_no: int, attempt: int, error: str
 ) -> bool:

@@ -31,6 +31,7 @@ from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task
 from postroom.results import result_line, upsert_results
 from postroom.shards import (
     Claimed,
+    cancel_held,
     claim_shard,
     finish_shard,
     mark_results_written,
@@ -144,6 +145,8 @@ def _run_admitted(
 
 def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
     job_id, shard_no = run.job_id, run.shard_no
+    if run.order.status == JobStatus.cancelled:
+        return _cancelled(runtime, run)
     try:  # held since the claim (_claimed)
         docs = list(runtime.storage.iter_jsonl(input_shard_key(job_id, shard_no)))
         run.mark("read")
@@ -157,7 +160,6 @@ def _work(runtime: Runtime, run: ShardRun, *, celery: Celery) -> dict[str, Any]:
             return split_poison_shard(runtime, run, docs, celery)
         if (
             run.claimed.crashes < limit
-            and run.order.status != JobStatus.cancelled
             and wants_batch(runtime, run)
             and submit_batch(runtime, run, docs)
         ):
@@ -242,8 +244,6 @@ def _classify(
         )
         reason = f"poison: this document {what}; it was isolated from its shard and skipped"
         return [DocResult(id=str(d["id"]), error=reason) for d in docs]
-    if run.order.status == JobStatus.cancelled:
-        return [DocResult(id=str(d["id"]), error="cancelled") for d in docs]
     assert runtime.classifier is not None
     marker = runtime.settings.fault_poison_marker
     if marker and any(marker in str(d["text"]) for d in docs):
@@ -339,6 +339,19 @@ def _write_results(runtime: Runtime, run: ShardRun) -> None:
     runtime.storage.put_jsonl(result_shard_key(run.job_id, run.shard_no), lines)
     with runtime.sessions.begin() as session:
         mark_results_written(session=session, job_id=run.job_id, shard_no=run.shard_no)
+
+
+def _cancelled(runtime: Runtime, run: ShardRun) -> dict[str, Any]:
+    """The job was cancelled while this shard was being claimed: no inference, no results; the
+    shard ends `cancelled`, counted with the rest of the job's cancelled documents."""
+    try:
+        with runtime.sessions.begin() as session:
+            held = cancel_held(session=session, **run.fence)
+    finally:
+        runtime.drop(run.job_id, run.shard_no)
+    SHARDS.labels(runtime.route, "cancelled").inc()
+    logger.info("job cancelled before the shard's work began: shard cancelled (held=%s)", held)
+    return {"claimed": True, "committed": False, "cancelled": held}
 
 
 def _release(runtime: Runtime, run: ShardRun) -> None:

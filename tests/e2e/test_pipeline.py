@@ -11,14 +11,16 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from postroom.db.models import Result, Shard
-from postroom.keys import result_shard_key
+from postroom.db.models import Job, Result, Shard
+from postroom.jobs import job_counts
+from postroom.keys import input_shard_key, result_shard_key
 from postroom.queue import gpu_queue, make_celery, publish_shard
 from postroom.settings import Settings
-from postroom.storage import Storage
+from postroom.storage import Storage, encode_jsonl
 from postroom_cli.client import Client
 from postroom_cli.local import postroom_command
 from tests.helpers import LABELS, make_docs, write_jsonl
+from tests.postroom.jobrows import make_job, shard_row
 from tests.stack import worker_stats
 from tests.waiting import wait_until
 
@@ -181,3 +183,38 @@ def test_cli_results_and_status(
         check=True,
     ).stdout
     assert json.loads(status)["status"] == "completed"
+
+
+def test_a_shard_claimed_after_its_job_was_cancelled_ends_cancelled_without_results(
+    settings: Settings, sessions: sessionmaker[Session], storage: Storage
+) -> None:
+    # Given a cancelled job with a shard the cancel could not stop: a claim held its row lock, so
+    # the cancel skipped it (postroom.cancelling), and its input is in S3
+    job_id = make_job(sessions, sizes=(3,), queue=gpu_queue("tiny"))
+    inputs = [{"id": f"c-{n}", "text": f"text {n}", "line": n} for n in (1, 2, 3)]
+    storage.put_bytes(input_shard_key(job_id, 0), encode_jsonl(inputs))
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
+        # A crash behind it makes it a suspect, claimed by name (a claim by policy passes over
+        # a cancelled job's shards): the worker then holds a shard of a cancelled job
+        session.execute(
+            update(Shard).where(Shard.job_id == job_id).values(state="expired", attempt=1)
+        )
+    # When the worker claims it
+    publish_shard(make_celery(settings), job_id=str(job_id), shard_no=0, queue=gpu_queue("tiny"))
+
+    def ended() -> Shard | None:
+        shard = shard_row(sessions, job_id, 0)
+        return shard if shard.attempt == 2 and shard.state != "running" else None
+
+    shard = wait_until(ended, timeout=60, what="the worker to end the shard")
+    # Then it ends cancelled, with no inference and no result rows: its documents count as
+    # cancelled, not as failed
+    assert shard.state == "cancelled"
+    with sessions() as session:
+        rows = session.scalar(
+            select(func.count()).select_from(Result).where(Result.job_id == job_id)
+        )
+        counts = job_counts(session=session, job=session.get_one(Job, job_id))
+    assert rows == 0
+    assert (counts.cancelled, counts.failed, counts.succeeded) == (3, 0, 0)
