@@ -3,6 +3,7 @@ Postgres and Redis."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -575,7 +576,8 @@ def test_a_job_that_misses_its_deadline_anyway_does_not_make_the_next_one_miss_t
         flags = dict(session.execute(select(Job.id, Job.deadline_lost)).tuples().all())
     assert (flags[lost], flags[later]) == (True, False)
     note = _router_note(sessions, lost) or ""
-    assert note.startswith("deadline lost: due in 2s"), note
+    # "due in" counts down from the scene's `now`: a slow tick on a busy machine reads 1s
+    assert re.match(r"deadline lost: due in [12]s;", note), note
     assert ("may not spill" in note) == (policy == "never"), note
     assert _router_note(sessions, later) is None
     assert _decisions("hold", "deadline lost") == held + 1
