@@ -1,4 +1,5 @@
-"""Cancelling a job: the shards no worker holds stop, running ones finish (their results stay)."""
+"""Cancelling a job: the shards no worker holds stop, running ones finish (their results stay);
+a shard a worker claimed as its job was cancelled ends cancelled (cancel_held)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from postroom.db.models import Job, Shard
 from postroom.domain import JOB_ACTIVE, SHARD_CLAIMABLE, JobStatus, ShardState
+from postroom.shards import held
 
 
 def cancel_active_job(*, session: Session, job_id: uuid.UUID) -> bool:
@@ -24,7 +26,7 @@ def cancel_active_job(*, session: Session, job_id: uuid.UUID) -> bool:
     shards this first pass cannot see yet; once the job row is ours they are committed, and a
     second pass cancels them. It skips the rows another transaction holds (a claim that now
     waits on the job row; its worker then finds the job cancelled and ends the shard so,
-    postroom.shards.cancel_held): waiting on a shard while holding the job row is the deadlock
+    cancel_held below): waiting on a shard while holding the job row is the deadlock
     above."""
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
     if status not in JOB_ACTIVE:
@@ -53,3 +55,14 @@ def _cancel_claimable(*, session: Session, job_id: uuid.UUID, skip_locked: bool)
         .where(tuple_(Shard.job_id, Shard.shard_no).in_(claimable))
         .values(state=ShardState.cancelled, finished_at=func.now())
     )
+
+
+def cancel_held(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt: int) -> bool:
+    """End a held shard of a job cancelled as it was claimed (cancel_active_job skips a shard a
+    claim holds): cancelled, no results. False: not held."""
+    result = session.execute(
+        update(Shard)
+        .where(held(job_id, shard_no, attempt))
+        .values(state=ShardState.cancelled, lease_until=None, finished_at=func.now())
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

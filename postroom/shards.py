@@ -161,7 +161,7 @@ def claim_next_of_job(
     return None if claimed is None else (shard_no, claimed)
 
 
-def _held(job_id: uuid.UUID, shard_no: int, attempt: int) -> Any:
+def held(job_id: uuid.UUID, shard_no: int, attempt: int) -> Any:
     """The fence: the shard is running and this attempt still holds it."""
     return and_(
         Shard.job_id == job_id,
@@ -179,7 +179,7 @@ def extend_leases(
     for job_id, shard_no, attempt in leases:
         result = session.execute(
             update(Shard)
-            .where(_held(job_id, shard_no, attempt))
+            .where(held(job_id, shard_no, attempt))
             # Never shorter: a shard parked on a remote batch keeps its long lease.
             .values(
                 lease_until=func.greatest(
@@ -195,19 +195,8 @@ def release_shard(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt
     """Give a shard back after a transient failure so another delivery can claim it."""
     result = session.execute(
         update(Shard)
-        .where(_held(job_id, shard_no, attempt))
+        .where(held(job_id, shard_no, attempt))
         .values(state=ShardState.queued, lease_until=None, worker=None, releases=Shard.releases + 1)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def cancel_held(*, session: Session, job_id: uuid.UUID, shard_no: int, attempt: int) -> bool:
-    """End a held shard of a job cancelled as it was claimed (postroom.cancelling skips a shard a
-    claim holds): cancelled, no results. False: not held."""
-    result = session.execute(
-        update(Shard)
-        .where(_held(job_id, shard_no, attempt))
-        .values(state=ShardState.cancelled, lease_until=None, finished_at=func.now())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -219,7 +208,7 @@ def fail_attempt(
     lease had run out, the attempt counts like a crash, and `error` says why. False: not held."""
     result = session.execute(
         update(Shard)
-        .where(_held(job_id, shard_no, attempt))
+        .where(held(job_id, shard_no, attempt))
         .values(
             state=ShardState.expired,
             lease_until=None,
@@ -252,7 +241,7 @@ def finish_shard(
     """
     won = session.execute(
         update(Shard)
-        .where(_held(job_id, shard_no, attempt))
+        .where(held(job_id, shard_no, attempt))
         .values(
             state=ShardState.done,
             succeeded=succeeded,
@@ -356,7 +345,7 @@ def split_shard(
     """
     won = session.execute(
         update(Shard)
-        .where(_held(job_id, shard_no, attempt))
+        .where(held(job_id, shard_no, attempt))
         .values(state=ShardState.replaced, lease_until=None, finished_at=func.now())
         .returning(Shard.shard_no)
     ).scalar_one_or_none()

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from postroom.backlog import shard_admission
+from postroom.cancelling import cancel_held
 from postroom.domain import DocResult, JobSpec, JobStatus
 from postroom.errors import EngineDeadError
 from postroom.jobs import WorkOrder, work_order
@@ -31,7 +32,6 @@ from postroom.queue import TASK_CLASSIFY_SHARD, Celery, Task
 from postroom.results import result_line, upsert_results
 from postroom.shards import (
     Claimed,
-    cancel_held,
     claim_shard,
     finish_shard,
     mark_results_written,
